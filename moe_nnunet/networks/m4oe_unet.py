@@ -166,6 +166,12 @@ class M4oEUNet(nn.Module):
         """Sum of the gates' weighted router losses from the last forward pass (0 in eval)."""
         return sum(gate.aux_loss for gate in self.encoder.gates)
 
+    def pop_expert_logits(self) -> list[torch.Tensor]:
+        """Each expert's own full-resolution logits from the last training forward pass (while
+        `encoder.expert_heads_active`), handed over once so the graph is freed after the loss."""
+        logits, self.encoder.expert_logits = self.encoder.expert_logits, []
+        return logits
+
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Activation count used by nnU-Net's planner to fit the patch size to a GPU-memory target."""
         return int(self.encoder.compute_conv_feature_map_size(input_size)
