@@ -1,0 +1,215 @@
+"""M4oEUNet on CPU: shapes, gradients, gate behaviour, router losses, plans round trip, nnU-Net contracts."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+from moe_nnunet.networks import M4OE_NETWORK_CLASS, ExpertGate, M4oEUNet, m4oe_arch_kwargs
+from moe_nnunet.networks.swin import SwinBlock, _window_attention_mask, window_partition, window_reverse
+
+REQ_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+
+
+def conv_kwargs(dim: int, strides, features=(8, 16, 32, 32)) -> dict:
+    """nnU-Net-style PlainConvUNet arch_kwargs (JSON form, class names as strings)."""
+    n = len(strides)
+    return {"n_stages": n, "features_per_stage": list(features[:n]),
+            "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": [[3] * dim] * n,
+            "strides": strides, "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [1] * (n - 1),
+            "conv_bias": True, "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+            "norm_op_kwargs": {"eps": 1e-5, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+            "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}}
+
+
+CASES = {
+    "3d_aniso": ([12, 40, 24], [[1, 1, 1], [1, 2, 2], [2, 2, 2], [1, 2, 2]], 3),
+    "2d": ([48, 40], [[1, 1], [2, 2], [2, 2], [2, 2]], 2),
+}
+
+
+def build(name: str, deep_supervision: bool, num_classes: int = 3, **overrides) -> tuple[nn.Module, list]:
+    patch, strides, channels = CASES[name]
+    kwargs = m4oe_arch_kwargs(patch, conv_kwargs(len(patch), strides), channels)
+    kwargs.update(overrides)
+    net = get_network_from_plans(M4OE_NETWORK_CLASS, kwargs, REQ_IMPORT, channels, num_classes,
+                                 deep_supervision=deep_supervision)
+    return net, patch
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_output_shapes(name, deep_supervision):
+    torch.manual_seed(0)
+    net, patch = build(name, deep_supervision)
+    x = torch.randn(2, CASES[name][2], *patch)
+    out = net(x)
+    if deep_supervision:
+        strides = CASES[name][1]
+        assert isinstance(out, list) and len(out) == len(strides) - 1
+        size = list(patch)
+        for o, stride in zip(out, strides):  # highest resolution first
+            size = [s // k for s, k in zip(size, stride)]
+            assert list(o.shape) == [2, 3, *size]
+    else:
+        assert list(out.shape) == [2, 3, *patch]
+        assert torch.isfinite(out).all()
+
+
+def test_patch_not_multiple_of_window_is_padded():
+    net, _ = build("3d_aniso", False, window_sizes=[[7, 7, 7]] * 4)
+    out = net(torch.randn(1, 3, 12, 40, 24))
+    assert out.shape[2:] == (12, 40, 24) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_every_parameter_gets_a_gradient(name):
+    torch.manual_seed(0)
+    net, patch = build(name, True)
+    net.train()
+    net.encoder.expert_heads_active = True
+    out = net(torch.randn(2, CASES[name][2], *patch))
+    loss = sum(o.square().mean() for o in out) + net.auxiliary_loss()
+    loss = loss + sum(lg.square().mean() for lg in net.pop_expert_logits())
+    loss.backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
+    assert not missing, missing
+
+
+def test_gate_weights_sum_to_one_and_respect_mask():
+    torch.manual_seed(0)
+    gate = ExpertGate(4, 3, nn.Conv3d, hidden=8)
+    nn.init.normal_(gate.logits.weight)  # an uneven gate
+    present = torch.tensor([[True, False, True], [False, False, True]])
+    # identity features per expert reveal the weights: expert e contributes e-th unit vector
+    unit = [torch.zeros(2, 4, 3, 5, 6) for _ in range(3)]
+    for e in range(3):
+        unit[e][:, e] = 1.0
+    fused = gate(unit, present)
+    weights = fused[:, :3]
+    torch.testing.assert_close(weights.sum(1), torch.ones(2, 3, 5, 6))
+    assert (weights[0, 1] == 0).all() and (weights[1, :2] == 0).all() and (weights[1, 2] == 1).all()
+
+
+def test_top_k_keeps_k_experts():
+    torch.manual_seed(0)
+    gate = ExpertGate(4, 4, nn.Conv2d, hidden=8, top_k=2)
+    nn.init.normal_(gate.logits.weight)
+    unit = [torch.zeros(1, 4, 6, 6) for _ in range(4)]
+    for e in range(4):
+        unit[e][:, e] = 1.0
+    weights = gate(unit)
+    assert ((weights > 0).sum(1) == 2).all()
+    torch.testing.assert_close(weights.sum(1), torch.ones(1, 6, 6))
+
+
+def test_bad_top_k_is_a_clear_error():
+    with pytest.raises(ValueError, match="gate_top_k"):
+        ExpertGate(4, 2, nn.Conv2d, top_k=3)
+
+
+def test_auxiliary_losses_positive_in_training_zero_in_eval():
+    net, patch = build("2d", True)
+    x = torch.randn(2, 2, *patch)
+    net.train()
+    net(x)
+    assert net.auxiliary_loss().item() > 0
+    net.eval()
+    with torch.no_grad():
+        net(x)
+    assert net.auxiliary_loss().item() == 0
+
+
+def test_absent_expert_does_not_change_the_output():
+    """With channel 1's expert masked, whatever that channel holds cannot reach the prediction."""
+    torch.manual_seed(0)
+    net, patch = build("2d", False)
+    net.eval()
+    x = torch.randn(1, 2, *patch)
+    y = x.clone()
+    y[:, 1] = torch.randn_like(y[:, 1]) * 10
+    present = torch.tensor([[True, False]])
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, present), net(y, present))
+        assert not torch.allclose(net(x), net(y))
+
+
+def test_plans_survive_json_and_stock_builder_makes_the_same_network():
+    patch, strides, channels = CASES["3d_aniso"]
+    kwargs = m4oe_arch_kwargs(patch, conv_kwargs(3, strides), channels, ["T1", "T2", "FLAIR"])
+    restored = json.loads(json.dumps(kwargs))
+    assert restored == kwargs
+    a = get_network_from_plans(M4OE_NETWORK_CLASS, restored, REQ_IMPORT, channels, 2, deep_supervision=True)
+    direct = dict(kwargs, conv_op=nn.Conv3d, norm_op=nn.InstanceNorm3d, nonlin=nn.LeakyReLU)
+    b = M4oEUNet(channels, num_classes=2, deep_supervision=True, **direct)
+    assert a.expert_names == ["T1", "T2", "FLAIR"]
+    assert {k: v.shape for k, v in a.state_dict().items()} == {k: v.shape for k, v in b.state_dict().items()}
+
+
+def test_deep_supervision_checkpoint_loads_into_inference_build():
+    train_net, patch = build("3d_aniso", True)
+    infer_net, _ = build("3d_aniso", False)
+    infer_net.load_state_dict(train_net.state_dict(), strict=True)
+    infer_net.eval()
+    train_net.eval()
+    train_net.decoder.deep_supervision = False  # how nnU-Net switches it off for validation
+    x = torch.randn(1, 3, *patch)
+    with torch.no_grad():
+        torch.testing.assert_close(infer_net(x), train_net(x))
+
+
+def test_memory_estimate_grows_with_patch():
+    net, _ = build("3d_aniso", True)
+    small = net.compute_conv_feature_map_size([12, 40, 24])
+    large = net.compute_conv_feature_map_size([24, 80, 48])
+    assert 0 < small < large
+
+
+def test_invalid_plans_give_clear_errors():
+    patch, strides, channels = CASES["2d"]
+    kwargs = m4oe_arch_kwargs(patch, conv_kwargs(2, strides), channels)
+    with pytest.raises(ValueError, match="expert_channels"):
+        get_network_from_plans(M4OE_NETWORK_CLASS, dict(kwargs, expert_channels=[[0], [5]]), REQ_IMPORT,
+                               channels, 2)
+    with pytest.raises(ValueError, match="swin_depths"):
+        get_network_from_plans(M4OE_NETWORK_CLASS, dict(kwargs, swin_depths=[0, 2]), REQ_IMPORT, channels, 2)
+
+
+def test_window_partition_round_trip_and_mask():
+    x = torch.randn(2, 6, 8, 4, 5)
+    w = window_partition(x, (3, 4, 2))
+    assert w.shape == (2, 2 * 2 * 2, 24, 5)
+    torch.testing.assert_close(window_reverse(w, (3, 4, 2), (6, 8, 4)), x)
+    # a 5-long axis padded to 6 with window 3, shifted by 1: real tokens never see the padding token
+    mask = _window_attention_mask([5], [6], [3], [1], torch.device("cpu"))
+    padded_index_after_roll = (5 - 1) % 6
+    rows = window_partition(torch.arange(6).view(1, 6, 1), (3,))[0, :, :, 0]
+    for win in range(mask.shape[0]):
+        for i, pos in enumerate(rows[win].tolist()):
+            for j, other in enumerate(rows[win].tolist()):
+                if pos != padded_index_after_roll and other == padded_index_after_roll:
+                    assert not mask[win, i, j]
+            assert mask[win, i, i]
+
+
+def test_shift_is_disabled_when_the_window_covers_the_map():
+    """A feature map no larger than the window: shifting is disabled and the block is plain attention."""
+    torch.manual_seed(0)
+    block = SwinBlock(8, 2, (4, 4), shift=True)
+    x = torch.randn(1, 4, 4, 8)
+    y = block(x)
+    z = SwinBlock(8, 2, (4, 4), shift=False)
+    z.load_state_dict(block.state_dict())
+    torch.testing.assert_close(y, z(x))
+
+
+def test_compiles_without_graph_breaks():
+    """nnU-Net compiles the network on CUDA; dynamo must capture forward (with side outputs) in one graph."""
+    net, patch = build("2d", True)
+    net.train()
+    net.encoder.expert_heads_active = True
+    explanation = torch._dynamo.explain(net)(torch.randn(1, 2, *patch))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
