@@ -27,6 +27,7 @@ setup(
         "scipy>=1.10",
         "matplotlib>=3.7",
         "tqdm>=4.60",
+        "nilearn>=0.10",
     ],
     extras_require={"test": ["pytest>=7.4", "pytest-timeout>=2.2"]},
     entry_points={"console_scripts": ["moe_nnunet=moe_nnunet.cli:main"]},

@@ -1,0 +1,111 @@
+"""The user's path through nnU-Net's stock programs, on CPU, with the debug trainer.
+
+fingerprint -> `moe_nnunet plan` -> nnUNetv2_preprocess -> nnUNetv2_train -tr nnUNetTrainerM4oE_debug
+-> nnUNetv2_predict; and the same trainer on nnU-Net's own plans (no -p).
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+from conftest import TINY_ID
+
+PLANS = "nnUNetM4oEPlans"
+TRAINER = "nnUNetTrainerM4oE_debug"
+
+
+@pytest.fixture(scope="module")
+def planned(nnunet_env, tiny_dataset):
+    """Stock fingerprint + nnU-Net plans + preprocessing, then our planner and preprocessing."""
+    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
+                   "--verify_dataset_integrity")
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
+    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
+    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
+    return nnunet_env.preprocessed / tiny_dataset.name
+
+
+def test_plans_name_our_network_with_swin_valid_patch(planned):
+    plans = json.loads((planned / f"{PLANS}.json").read_text())
+    assert plans["experiment_planner_used"] == "M4oEPlanner"
+    for cfg in ("2d", "3d_fullres"):
+        c = plans["configurations"][cfg]
+        arch = c["architecture"]
+        assert arch["network_class_name"] == "moe_nnunet.networks.m4oe_unet.M4oEUNet"
+        kw = arch["arch_kwargs"]
+        assert kw["expert_names"] == ["T1", "T2", "FLAIR"] and kw["expert_channels"] == [[0], [1], [2]]
+        total = np.prod(np.array(kw["strides"]), axis=0)
+        assert all(p % t == 0 for p, t in zip(c["patch_size"], total)), "patch not divisible by total stride"
+        size = list(c["patch_size"])
+        for stride, window, depth in zip(kw["strides"], kw["window_sizes"], kw["swin_depths"]):
+            size = [s // k for s, k in zip(size, stride)]
+            if depth:
+                assert all(s % w == 0 or w == 8 for s, w in zip(size, window)), (size, window)
+        # 2d and 3d_fullres share nnU-Net's preprocessed data
+        assert c["data_identifier"] == f"nnUNetPlans_{cfg}"
+
+
+def test_unknown_planner_lists_the_available_ones(nnunet_env, planned):
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "-pl", "NoSuchPlanner", check=False)
+    assert out.returncode != 0 and "M4oEPlanner" in out.stderr
+
+
+def test_unknown_trainer_is_a_clear_error(nnunet_env, planned):
+    out = nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerM4oE_nope",
+                         "-p", PLANS, "-device", "cpu", check=False)
+    assert out.returncode != 0 and "nnUNetTrainerM4oE_nope" in (out.stdout + out.stderr)
+
+
+@pytest.fixture(scope="module")
+def trained(nnunet_env, planned):
+    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+                   "-device", "cpu", "--npz")
+    return nnunet_env.results / planned.name / f"{TRAINER}__{PLANS}__3d_fullres"
+
+
+def test_training_writes_checkpoint_and_validation(trained):
+    fold = trained / "fold_0"
+    assert (fold / "checkpoint_final.pth").is_file()
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2", "3", "4"}
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert ckpt["trainer_name"] == TRAINER
+    assert any(k.startswith("encoder.experts.2.") for k in ckpt["network_weights"])
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "mixture weight (expert curriculum): 0.000" in log and "gate weights" in log
+
+
+def test_stock_predict_writes_valid_segmentations(nnunet_env, trained, tiny_dataset, tmp_path):
+    images = tiny_dataset / "imagesTr"
+    inp = tmp_path / "in"
+    inp.mkdir()
+    cases = sorted({p.name[:-len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz")})[:2]
+    for case in cases:
+        for f in images.glob(f"{case}_*.nii.gz"):
+            shutil.copy(f, inp / f.name)
+    out = tmp_path / "out"
+    nnunet_env.run("nnUNetv2_predict", "-i", str(inp), "-o", str(out), "-d", str(TINY_ID), "-c", "3d_fullres",
+                   "-f", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--disable_tta", "-npp", "1",
+                   "-nps", "1")
+    for case in cases:
+        ref = sitk.ReadImage(str(images / f"{case}_0000.nii.gz"))
+        seg = sitk.ReadImage(str(out / f"{case}.nii.gz"))
+        assert seg.GetSize() == ref.GetSize()
+        assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(seg.GetSpacing(), ref.GetSpacing()))
+        assert all(math.isclose(a, b, abs_tol=1e-4) for a, b in zip(seg.GetOrigin(), ref.GetOrigin()))
+        assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3, 4}
+
+
+def test_trainer_runs_on_stock_nnunet_plans(nnunet_env, planned):
+    """Only the trainer flag: nnU-Net's own plans (PlainConvUNet) become an M4oE network of the same topology."""
+    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu")
+    fold = nnunet_env.results / planned.name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_1"
+    ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    assert any(k.startswith("encoder.gates.") for k in ckpt["network_weights"])
+    assert (fold / "validation" / "summary.json").is_file()
