@@ -109,3 +109,12 @@ def test_trainer_runs_on_stock_nnunet_plans(nnunet_env, planned):
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("encoder.gates.") for k in ckpt["network_weights"])
     assert (fold / "validation" / "summary.json").is_file()
+
+
+def test_val_reruns_validation_from_the_final_checkpoint(nnunet_env, trained):
+    summary = trained / "fold_0" / "validation" / "summary.json"
+    summary.unlink()
+    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+                   "-device", "cpu", "--val", "--npz")
+    assert summary.is_file()
+    assert list((trained / "fold_0" / "validation").glob("*.npz"))
