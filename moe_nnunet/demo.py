@@ -22,7 +22,7 @@ from moe_nnunet.discovery import ext_trainer_dir
 DATASET_ID = 902
 PLANS = "nnUNetM4oEPlans"
 SCHEDULES = {  # device -> (baseline trainer, M4oE trainer, dataset spacing in mm)
-    "cpu": ("nnUNetTrainerDemo", "nnUNetTrainerM4oE_demo", 4.0),
+    "cpu": ("nnUNetTrainerDemo", "nnUNetTrainerM4oE_demo", 5.0),
     "cuda": ("nnUNetTrainer_100epochs", "nnUNetTrainerM4oE_100epochs", 2.0),
 }
 

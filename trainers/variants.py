@@ -9,8 +9,8 @@ from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
 __all__ = ["nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_debug", "nnUNetTrainerM4oE_demo",
            "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerDemo"]
 
-DEMO_EPOCHS = 12
-DEMO_ITERATIONS = 25
+DEMO_EPOCHS = 10
+DEMO_ITERATIONS = 20
 
 
 class nnUNetTrainerM4oE_5epochs(nnUNetTrainerM4oE):
@@ -44,7 +44,7 @@ class nnUNetTrainerM4oE_debug(nnUNetTrainerM4oE):
 
 
 class nnUNetTrainerM4oE_demo(nnUNetTrainerM4oE):
-    """The CPU demo's schedule: 12 epochs of 25 iterations, 1 warm-up epoch, expert curriculum over 3."""
+    """The CPU demo's schedule: 10 epochs of 20 iterations, 1 warm-up epoch, expert curriculum over 3."""
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
