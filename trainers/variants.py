@@ -14,7 +14,7 @@ __all__ = ["nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_100epochs", "nnUNetTr
            "nnUNetTrainerM4oE_demo", "nnUNetTrainerDemo"]
 
 # the CPU demo trains both models for the same number of iterations
-DEMO_SCHEDULE = {"num_epochs": 10, "num_iterations_per_epoch": 20, "num_val_iterations_per_epoch": 5}
+DEMO_SCHEDULE = {"num_epochs": 8, "num_iterations_per_epoch": 15, "num_val_iterations_per_epoch": 3}
 
 
 class _Scheduled:
@@ -51,8 +51,8 @@ class nnUNetTrainerM4oE_debug(_Scheduled, nnUNetTrainerM4oE):
 
 
 class nnUNetTrainerM4oE_demo(_Scheduled, nnUNetTrainerM4oE):
-    """The CPU demo's schedule: 10 epochs of 20 iterations, 1 warm-up epoch, expert curriculum over 3."""
-    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1, "curriculum_epochs": 3}
+    """The CPU demo's schedule: 8 epochs of 15 iterations, 1 warm-up epoch, expert curriculum over 2."""
+    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1, "curriculum_epochs": 2}
 
 
 class nnUNetTrainerDemo(_Scheduled, nnUNetTrainer):
