@@ -1,0 +1,646 @@
+"""Measure our M4oE network against nnU-Net's own network on the same input, in one process.
+
+Both networks are built from plans kwargs through nnU-Net's `get_network_from_plans`, get the same input,
+the same nnU-Net loss (deep-supervision Dice + cross-entropy) and nnU-Net's SGD, and are timed in
+alternation (ours, baseline, ours, baseline, ...) so that a noisy machine slows both alike.
+
+Two ways to describe what to measure:
+
+- `plans_setup(dataset, configuration, ...)`: a preprocessed dataset's plans (ours, default
+  nnUNetM4oEPlans) against nnU-Net's plans for the same configuration (default nnUNetPlans);
+- `synthetic_setup(channels, patch_size, ...)`: no dataset; both networks use nnU-Net's default
+  topology for the patch (the GPU reference runs use this).
+
+`run_benchmark(setup, ...)` returns a JSON-serialisable dict; `format_report(result)` renders it.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
+
+__all__ = ["NetworkSpec", "BenchmarkSetup", "default_conv_unet_kwargs", "synthetic_setup", "plans_setup",
+           "run_benchmark", "format_report", "write_json"]
+
+PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
+# kwargs of nnU-Net's PlainConvUNet; M4oE plans carry them too, so a baseline can be built from them
+CONV_UNET_KEYS = ("n_stages", "features_per_stage", "conv_op", "kernel_sizes", "strides", "n_conv_per_stage",
+                  "n_conv_per_stage_decoder", "conv_bias", "norm_op", "norm_op_kwargs", "dropout_op",
+                  "dropout_op_kwargs", "nonlin", "nonlin_kwargs")
+MIB = 2 ** 20
+
+
+@dataclass
+class NetworkSpec:
+    """Everything `get_network_from_plans` needs to build one network, plus where it came from.
+
+    Args:
+        name: "ours" or "baseline".
+        class_name: dotted network class.
+        arch_kwargs: JSON-serialisable constructor kwargs (as in plans).
+        kw_requires_import: keys of `arch_kwargs` whose values are dotted class names.
+        input_channels, num_classes: network input and output channels.
+        origin: human-readable source of the architecture, for the report.
+    """
+    name: str
+    class_name: str
+    arch_kwargs: dict
+    kw_requires_import: list[str]
+    input_channels: int
+    num_classes: int
+    origin: str
+
+    def build(self, deep_supervision: bool = True) -> nn.Module:
+        from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+        return get_network_from_plans(self.class_name, self.arch_kwargs, self.kw_requires_import,
+                                      self.input_channels, self.num_classes, deep_supervision=deep_supervision)
+
+
+@dataclass
+class BenchmarkSetup:
+    """The two networks and the input they are measured on (batch_size x channels x patch_size)."""
+    ours: NetworkSpec
+    baseline: NetworkSpec
+    patch_size: list[int]
+    batch_size: int
+    batch_dice: bool = True
+    info: dict = field(default_factory=dict)
+
+
+def default_conv_unet_kwargs(patch_size: Sequence[int]) -> dict:
+    """PlainConvUNet kwargs with nnU-Net's default topology for a patch (isotropic spacing).
+
+    Stages, strides and kernels come from nnU-Net's `get_pool_and_conv_props` (bottleneck at least 4
+    voxels per axis); widths are 32 * 2**s capped at 320 (3D) or 512 (2D); two convs per stage.
+    """
+    from nnunetv2.experiment_planning.experiment_planners.network_topology import get_pool_and_conv_props
+    dim = len(patch_size)
+    if dim not in (2, 3):
+        raise ValueError(f"patch_size {list(patch_size)} has {dim} axes; give 2 (2D) or 3 (3D) sizes.")
+    _, strides, kernels, padded, _ = get_pool_and_conv_props([1.0] * dim, list(patch_size), 4, 999999)
+    padded = [int(i) for i in padded]
+    if padded != [int(i) for i in patch_size]:
+        raise ValueError(f"patch_size {list(patch_size)} is not divisible by nnU-Net's downsampling for it; "
+                         f"use {padded} instead.")
+    n = len(strides)
+    cap = 320 if dim == 3 else 512
+    return {
+        "n_stages": n,
+        "features_per_stage": [min(32 * 2 ** s, cap) for s in range(n)],
+        "conv_op": f"torch.nn.modules.conv.Conv{dim}d",
+        "kernel_sizes": [[int(k) for k in ks] for ks in kernels],
+        "strides": [[int(s) for s in st] for st in strides],
+        "n_conv_per_stage": [2] * n,
+        "n_conv_per_stage_decoder": [2] * (n - 1),
+        "conv_bias": True,
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    }
+
+
+def synthetic_setup(channels: int = 4, patch_size: Sequence[int] = (128, 128, 128), batch_size: int = 2,
+                    num_classes: int = 3) -> BenchmarkSetup:
+    """Both networks for a patch without any dataset: nnU-Net's PlainConvUNet with its default topology,
+    and our network derived from the same kwargs by `m4oe_arch_kwargs` (one expert per channel)."""
+    if channels < 1 or batch_size < 1 or num_classes < 1:
+        raise ValueError(f"channels={channels}, batch_size={batch_size} and num_classes={num_classes} must all "
+                         f"be at least 1.")
+    patch = [int(i) for i in patch_size]
+    conv_kwargs = default_conv_unet_kwargs(patch)
+    ours = NetworkSpec("ours", M4OE_NETWORK_CLASS, m4oe_arch_kwargs(patch, conv_kwargs, channels),
+                       list(REQUIRES_IMPORT), channels, num_classes,
+                       "m4oe_arch_kwargs over nnU-Net's default topology for the patch")
+    baseline = NetworkSpec("baseline", PLAIN_CONV_UNET, conv_kwargs, list(REQUIRES_IMPORT), channels, num_classes,
+                           "nnU-Net's PlainConvUNet, default topology for the patch")
+    return BenchmarkSetup(ours, baseline, patch, batch_size, True, {"source": "synthetic"})
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def plans_setup(dataset: str | int, configuration: str, plans: str = "nnUNetM4oEPlans",
+                baseline_plans: str = "nnUNetPlans", patch_size: Sequence[int] | None = None,
+                batch_size: int | None = None, channels: int | None = None) -> BenchmarkSetup:
+    """Both networks from a preprocessed dataset's plans.
+
+    Ours: the configuration's architecture in `<nnUNet_preprocessed>/<dataset>/<plans>.json`, converted with
+    `m4oe_arch_kwargs` when those plans name another network. Baseline: the same configuration of
+    `<baseline_plans>.json` if that file has it, otherwise nnU-Net's PlainConvUNet with our plans' stages.
+    Patch and batch size default to our plans'; channels to dataset.json's; outputs follow the labels.
+    """
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    root = os.environ.get("nnUNet_preprocessed")
+    if not root:
+        raise ValueError("nnUNet_preprocessed is not set; export it (see nnU-Net's documentation/"
+                         "setting_up_paths.md), or benchmark without a dataset: moe_nnunet bench --synthetic")
+    try:
+        name = maybe_convert_to_dataset_name(dataset)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"dataset {dataset}: not found ({_first_line(e)})") from e
+    folder = os.path.join(root, name)
+    plans_file = os.path.join(folder, f"{plans}.json")
+    dataset_file = os.path.join(folder, "dataset.json")
+    if not os.path.isfile(plans_file):
+        existing = sorted(f[:-5] for f in os.listdir(folder) if f.endswith(".json")) if os.path.isdir(folder) else []
+        raise ValueError(f"plans file {plans_file} not found (dataset {name}); create it with "
+                         f"`moe_nnunet plan -d {dataset}` or pick one with -p (found: {existing or 'none'}).")
+    if not os.path.isfile(dataset_file):
+        raise ValueError(f"{dataset_file} not found; run nnUNetv2_preprocess for {name} first.")
+    with open(dataset_file) as f:
+        dataset_json = json.load(f)
+
+    manager = PlansManager(plans_file)
+    if configuration not in manager.available_configurations:
+        raise ValueError(f"configuration {configuration!r} is not in {plans_file}; "
+                         f"choose one of {manager.available_configurations}.")
+    config = manager.get_configuration(configuration)
+    patch = [int(i) for i in (patch_size or config.patch_size)]
+    names = [str(n) for n in (dataset_json.get("channel_names") or dataset_json.get("modality") or {}).values()]
+    channels = int(channels or len(names))
+    num_classes = manager.get_label_manager(dataset_json).num_segmentation_heads
+
+    kwargs = copy.deepcopy(config.network_arch_init_kwargs)
+    requires_import = list(config.network_arch_init_kwargs_req_import)
+    if config.network_arch_class_name != M4OE_NETWORK_CLASS:
+        origin = (f"{plans}.json {configuration} ({config.network_arch_class_name.rsplit('.', 1)[-1]}) "
+                  f"converted by m4oe_arch_kwargs")
+        kwargs = m4oe_arch_kwargs(patch, kwargs, channels, names if len(names) == channels else None)
+        requires_import = [k for k in requires_import if k in kwargs]
+    else:
+        origin = f"{plans}.json {configuration}"
+        if channels != len(kwargs.get("expert_channels", [])):  # --channels override: one expert per channel
+            kwargs["expert_channels"] = [[c] for c in range(channels)]
+            kwargs.pop("expert_names", None)
+    ours = NetworkSpec("ours", M4OE_NETWORK_CLASS, kwargs, requires_import, channels, num_classes, origin)
+
+    info = {"source": "plans", "dataset": name, "configuration": configuration, "plans": plans_file,
+            "planned_patch_size": [int(i) for i in config.patch_size], "planned_batch_size": config.batch_size}
+    baseline_file = os.path.join(folder, f"{baseline_plans}.json")
+    baseline_manager = PlansManager(baseline_file) if os.path.isfile(baseline_file) else None
+    if baseline_manager is not None and configuration in baseline_manager.available_configurations:
+        base = baseline_manager.get_configuration(configuration)
+        baseline = NetworkSpec("baseline", base.network_arch_class_name,
+                               copy.deepcopy(base.network_arch_init_kwargs),
+                               list(base.network_arch_init_kwargs_req_import), channels, num_classes,
+                               f"{baseline_plans}.json {configuration}")
+        info.update(baseline_plans=baseline_file, baseline_planned_patch_size=[int(i) for i in base.patch_size],
+                    baseline_planned_batch_size=base.batch_size)
+    else:
+        why = "not found" if baseline_manager is None else f"has no {configuration}"
+        baseline = NetworkSpec("baseline", PLAIN_CONV_UNET, {k: kwargs[k] for k in CONV_UNET_KEYS if k in kwargs},
+                               [k for k in requires_import if k in CONV_UNET_KEYS], channels, num_classes,
+                               f"PlainConvUNet with the stages of {plans}.json ({baseline_plans}.json {why})")
+    return BenchmarkSetup(ours, baseline, patch, int(batch_size or config.batch_size), bool(config.batch_dice), info)
+
+
+def _check_patch(spec: NetworkSpec, patch: Sequence[int]) -> None:
+    strides = spec.arch_kwargs["strides"]
+    if len(strides[0]) != len(patch):
+        raise ValueError(f"the {spec.name} network is {len(strides[0])}D but patch_size {list(patch)} has "
+                         f"{len(patch)} axes.")
+    divisor = [math.prod(s[a] for s in strides) for a in range(len(patch))]
+    if any(p % d for p, d in zip(patch, divisor)):
+        raise ValueError(f"patch_size {list(patch)} is not divisible by {divisor}, the total downsampling of the "
+                         f"{spec.name} network ({spec.origin}); choose a patch_size that is.")
+
+
+def _deep_supervision_shapes(patch: Sequence[int], strides: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Output sizes of the deep-supervision heads, highest resolution first (nnU-Net's scales)."""
+    shapes, size = [], list(patch)
+    for stride in strides[:-1]:
+        size = [i // s for i, s in zip(size, stride)]
+        shapes.append(size)
+    return shapes
+
+
+def _nnunet_loss(num_outputs: int, batch_dice: bool) -> nn.Module:
+    """nnU-Net's default training loss: Dice + CE per output, weights 1/2**i, lowest resolution off."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    loss = DC_and_CE_loss({"batch_dice": batch_dice, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                          weight_ce=1, weight_dice=1, ignore_label=None, dice_class=MemoryEfficientSoftDiceLoss)
+    weights = np.array([1 / 2 ** i for i in range(num_outputs)])
+    if num_outputs > 1:
+        weights[-1] = 0
+    return DeepSupervisionWrapper(loss, weights / weights.sum())
+
+
+def _attention_flops(backward: bool) -> Callable[..., int]:
+    def count(*shapes: Any, out_shape: Any = None, **kwargs: Any) -> int:
+        return sdpa_backward_flop_count(*shapes[:4]) if backward else sdpa_flop_count(*shapes[:3])
+    return count
+
+
+# torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one that SDPA picks with a mask
+_CPU_ATTENTION_FLOPS = {
+    op: _attention_flops(backward) for op, backward in (
+        (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), False),
+        (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), True))
+    if op is not None}
+
+
+
+
+def _flop_counter() -> FlopCounterMode:
+    # module paths up to six names long, root included: down to encoder.experts.<i>.stages.<s>
+    return FlopCounterMode(depth=6, display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+
+
+def _module_names(counts: dict[str, dict[Any, int]]) -> dict[str, int]:
+    """FlopCounterMode's per-module totals, keyed by module path below the root (up to 5 names), with expert
+    indices collapsed to `*` (summed over experts). UNetDecoder keeps its encoder as `decoder.encoder`;
+    that alias is read as `encoder`."""
+    unique: dict[str, int] = {}
+    for key, per_op in counts.items():
+        parts = key.split(".")[1:]
+        if key == "Global" or not parts or len(parts) > 5:
+            continue
+        if parts[:2] == ["decoder", "encoder"]:
+            parts = parts[1:]
+        name = ".".join(parts)
+        unique[name] = max(unique.get(name, 0), int(sum(per_op.values())))
+    merged: dict[str, int] = defaultdict(int)
+    for name, flops in unique.items():
+        parts = name.split(".")
+        parts = ["*" if p.isdigit() and i and parts[i - 1] == "experts" else p for i, p in enumerate(parts)]
+        merged[".".join(parts)] += flops
+    return dict(merged)
+
+
+def _params_by_part(net: nn.Module) -> dict[str, int]:
+    """Parameter count per module path of depth <= 2; shared modules are counted once, where first named."""
+    parts: dict[str, int] = defaultdict(int)
+    for name, p in net.named_parameters():
+        path = name.split(".")[:-1]
+        for depth in (1, 2):
+            if len(path) >= depth:
+                parts[".".join(path[:depth])] += p.numel()
+    return dict(parts)
+
+
+def _tensor_bytes(tensors: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
+class _Runner:
+    """One network with its input, random targets, nnU-Net loss and optimizer; times one step at a time."""
+
+    def __init__(self, spec: NetworkSpec, patch: Sequence[int], batch_size: int, batch_dice: bool,
+                 device: torch.device, bf16: bool) -> None:
+        self.spec, self.device, self.bf16 = spec, device, bf16
+        self.net = spec.build(deep_supervision=True)
+        if device.type != "cpu":
+            self.net.to(device)
+        self.model: nn.Module = self.net  # what gets called: the network, or its compiled wrapper
+        self.x = torch.randn(batch_size, spec.input_channels, *patch, device=device)
+        self.targets = [torch.randint(0, spec.num_classes, (batch_size, 1, *shape), device=device)
+                        for shape in _deep_supervision_shapes(patch, spec.arch_kwargs["strides"])]
+        self.loss = _nnunet_loss(len(self.targets), batch_dice)
+        # nnU-Net's optimizer (nnUNetTrainer.configure_optimizers)
+        self.optimizer = torch.optim.SGD(self.net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
+                                         nesterov=True)
+        self.times: dict[str, list[float]] = {"train": [], "inference": []}
+        self.peak_extra: dict[str, int] = {"train": 0, "inference": 0}
+        self._start_allocated = 0
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
+
+    def _set_mode(self, train: bool) -> None:
+        self.net.train(train)
+        self.net.decoder.deep_supervision = train
+
+    def _loss(self) -> torch.Tensor:
+        """Forward, nnU-Net's deep-supervision loss, plus the network's auxiliary (router) loss if it has one."""
+        with self._autocast():
+            output = self.model(self.x)
+            loss = self.loss(output, self.targets)
+            if hasattr(self.net, "auxiliary_loss"):
+                loss = loss + self.net.auxiliary_loss()
+        return loss
+
+    def _begin(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start_allocated = torch.cuda.memory_allocated(self.device)
+        return time.perf_counter()
+
+    def _end(self, start: float, phase: str) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        ms = (time.perf_counter() - start) * 1e3
+        if self.device.type == "cuda":
+            extra = torch.cuda.max_memory_allocated(self.device) - self._start_allocated
+            self.peak_extra[phase] = max(self.peak_extra[phase], extra)
+        return ms
+
+    def train_step(self) -> float:
+        """One nnU-Net training step (forward, DS loss + auxiliary loss, backward, clip, SGD step); ms."""
+        self._set_mode(True)
+        self.optimizer.zero_grad(set_to_none=True)
+        start = self._begin()
+        self._loss().backward()
+        torch.nn.utils.clip_grad_norm_(self.net.parameters(), 12)
+        self.optimizer.step()
+        return self._end(start, "train")
+
+    def inference(self) -> float:
+        """One forward pass as nnU-Net predicts (eval, inference mode, deep supervision off); ms."""
+        self._set_mode(False)
+        start = self._begin()
+        with torch.inference_mode(), self._autocast():
+            self.model(self.x)
+        return self._end(start, "inference")
+
+    def count_flops(self) -> dict[str, Any]:
+        """FLOPs (2 per multiply-add; convolutions, matmuls, attention) of one training step and one forward."""
+        self._set_mode(True)
+        with _flop_counter() as train_counter:
+            self._loss().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._set_mode(False)
+        with torch.inference_mode(), self._autocast(), _flop_counter() as counter:
+            self.model(self.x)
+        return {"train_flops": train_counter.get_total_flops(),
+                "inference_flops": counter.get_total_flops(),
+                "inference_flops_by_module": _module_names(counter.get_flop_counts())}
+
+    def static_bytes(self, train: bool) -> int:
+        """Bytes held between steps: parameters, buffers, input and targets, and (training) SGD momentum."""
+        total = _tensor_bytes(self.net.parameters()) + _tensor_bytes(self.net.buffers())
+        total += _tensor_bytes([self.x, *self.targets])
+        if train:
+            total += sum(_tensor_bytes(s.values()) for s in self.optimizer.state.values())
+        return total
+
+    def describe(self, patch: Sequence[int]) -> dict[str, Any]:
+        try:
+            estimate = int(self.net.compute_conv_feature_map_size(list(patch)))
+        except (AttributeError, NotImplementedError):
+            estimate = None
+        return {"class": self.spec.class_name, "origin": self.spec.origin, "arch_kwargs": self.spec.arch_kwargs,
+                "params": sum(p.numel() for p in self.net.parameters()),
+                "trainable_params": sum(p.numel() for p in self.net.parameters() if p.requires_grad),
+                "params_by_part": _params_by_part(self.net), "planner_estimate": estimate}
+
+
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set size.
+
+    Linux: VmHWM, which a new program starts from zero; getrusage's ru_maxrss would carry over the peak of
+    the process that started it. Elsewhere: ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+# imported before a probe reads its starting peak, so that import memory does not count as the network's
+_PROBE_IMPORTS = ("nnunetv2.utilities.get_network_from_plans", "nnunetv2.training.loss.compound_losses",
+                  "nnunetv2.training.loss.deep_supervision", "nnunetv2.training.loss.dice")
+
+
+def _cpu_memory_probe(spec: NetworkSpec, patch: list[int], batch_size: int, batch_dice: bool, bf16: bool,
+                      threads: int) -> dict[str, float]:
+    """Run in a fresh process: peak RSS growth (MiB) over building the network and one forward
+    ("inference"), then over one training step as well ("train")."""
+    import importlib
+    for module in _PROBE_IMPORTS + (spec.class_name.rsplit(".", 1)[0],):
+        importlib.import_module(module)
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    before = _peak_rss_bytes()
+    runner = _Runner(spec, patch, batch_size, batch_dice, torch.device("cpu"), bf16)
+    runner.inference()
+    after_inference = _peak_rss_bytes()
+    runner.train_step()
+    after_train = _peak_rss_bytes()
+    return {"inference": (after_inference - before) / MIB, "train": (after_train - before) / MIB}
+
+
+def _cpu_memory(setup: BenchmarkSetup, bf16: bool) -> dict[str, dict[str, float]]:
+    """Peak CPU memory of each network, each in a freshly started process of its own (a peak cannot be
+    taken back, so in one process the larger network would hide the smaller). "spawn" starts a new
+    program, whose peak starts from zero; a forked process would inherit its parent's."""
+    specs = (setup.ours, setup.baseline)
+    args = [(spec, setup.patch_size, setup.batch_size, setup.batch_dice, bf16, torch.get_num_threads())
+            for spec in specs]
+    with multiprocessing.get_context("spawn").Pool(len(specs), maxtasksperchild=1) as pool:
+        return {spec.name: mem for spec, mem in zip(specs, pool.starmap(_cpu_memory_probe, args))}
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{model} ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 10, warmup: int = 3,
+                  bf16: bool = False, compile: bool = False, measure_memory: bool = True,
+                  command: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time, count and size both networks of `setup`; returns a JSON-serialisable dict.
+
+    Args:
+        setup: the two networks and their input.
+        device: "cpu" or "cuda" (or "cuda:<i>").
+        iterations: measured steps per network and phase (medians are reported).
+        warmup: unmeasured steps before them (cuDNN autotuning, compilation, allocator warm-up).
+        bf16: bfloat16 autocast for forward and loss.
+        compile: `torch.compile` both networks (CUDA only, as in nnU-Net).
+        measure_memory: on CPU, run one extra process per network to read its peak RSS.
+        command: the command line, stored in the result.
+        progress: called with a short message before each phase.
+    """
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: use cpu or cuda.")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA GPU; use --device cpu.")
+    if compile and dev.type != "cuda":
+        raise ValueError("--compile needs --device cuda (nnU-Net does not compile on CPU either).")
+    if iterations < 1 or warmup < 0:
+        raise ValueError(f"iterations={iterations} must be >= 1 and warmup={warmup} >= 0.")
+    for spec in (setup.ours, setup.baseline):
+        _check_patch(spec, setup.patch_size)
+    began = time.perf_counter()
+
+    def say(message: str) -> None:
+        if progress is not None:
+            progress(f"{time.perf_counter() - began:7.1f} s  {message}")
+
+    load_before = os.getloadavg() if hasattr(os, "getloadavg") else None
+    torch.manual_seed(0)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as nnU-Net's training entry point does
+
+    say("building networks")
+    runners = [_Runner(spec, setup.patch_size, setup.batch_size, setup.batch_dice, dev, bf16)
+               for spec in (setup.ours, setup.baseline)]
+    networks = {r.spec.name: r.describe(setup.patch_size) for r in runners}
+    say("counting FLOPs: one extra training step and forward per network")
+    for r in runners:
+        networks[r.spec.name].update(r.count_flops())
+
+    memory_method = "torch.cuda.max_memory_allocated during the step + parameters, buffers, optimizer state, " \
+                    "input and targets"
+    if dev.type == "cpu":
+        memory_method = "approximate: growth of the peak resident set size of a fresh process over building " \
+                        "the network and one forward / then also one training step"
+        if measure_memory:
+            say("measuring CPU memory: a fresh process per network, both at once")
+            for name, mem in _cpu_memory(setup, bf16).items():
+                networks[name].update(train_memory_mib=mem["train"], inference_memory_mib=mem["inference"])
+
+    if compile:
+        for r in runners:
+            r.model = torch.compile(r.net)
+    for phase, step in (("train", _Runner.train_step), ("inference", _Runner.inference)):
+        say(f"timing {phase}: {warmup} warm-up + {iterations} measured steps per network, alternating")
+        for i in range(warmup + iterations):
+            for r in runners:
+                ms = step(r)
+                if i >= warmup:
+                    r.times[phase].append(ms)
+
+    for r in runners:
+        record = networks[r.spec.name]
+        for phase in ("train", "inference"):
+            record[f"{phase}_ms"] = statistics.median(r.times[phase])
+            record[f"{phase}_ms_all"] = [round(t, 3) for t in r.times[phase]]
+            if dev.type == "cuda":
+                record[f"{phase}_memory_mib"] = (r.peak_extra[phase] + r.static_bytes(phase == "train")) / MIB
+    ours, base = networks["ours"], networks["baseline"]
+    ratios = {key: _ratio(ours.get(key), base.get(key)) for key in (
+        "train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "params", "train_flops",
+        "inference_flops", "planner_estimate")}
+    return {
+        "command": command,
+        "argv": list(sys.argv),
+        "device": {"type": dev.type, "name": _device_name(dev), "load_average_before": load_before,
+                   "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                     "nnunetv2": _package_version("nnunetv2"),
+                     "dynamic_network_architectures": _package_version("dynamic_network_architectures"),
+                     "moe_nnunet": _package_version("moe_nnunet")},
+        "setup": {**setup.info, "patch_size": setup.patch_size, "batch_size": setup.batch_size,
+                  "channels": setup.ours.input_channels, "num_classes": setup.ours.num_classes,
+                  "batch_dice": setup.batch_dice, "iterations": iterations, "warmup": warmup,
+                  "bf16": bf16, "compile": compile},
+        "memory_method": memory_method,
+        "networks": networks,
+        "ratios": ratios,
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """Readable table of a `run_benchmark` result, with ours/baseline ratios and where our FLOPs go."""
+    s, ours, base, ratios = result["setup"], result["networks"]["ours"], result["networks"]["baseline"], \
+        result["ratios"]
+    precision = ("bf16 autocast" if s["bf16"] else "fp32") + (", torch.compile" if s["compile"] else ", eager")
+    rows = [
+        ("training step, median ms", "train_ms", 1, 1),
+        ("inference forward, median ms", "inference_ms", 1, 1),
+        ("training peak memory, MiB", "train_memory_mib", 1, 0),
+        ("inference peak memory, MiB", "inference_memory_mib", 1, 0),
+        ("parameters, M", "params", 1e-6, 2),
+        ("training step, GFLOP", "train_flops", 1e-9, 1),
+        ("inference forward, GFLOP", "inference_flops", 1e-9, 1),
+        ("planner estimate, M voxel-features", "planner_estimate", 1e-6, 1),
+    ]
+    name = {k: v["class"].rsplit(".", 1)[-1] for k, v in result["networks"].items()}
+    header = f"{'':36}{'ours (' + name['ours'] + ')':>22}{'baseline (' + name['baseline'] + ')':>30}" \
+             f"{'ours/baseline':>15}"
+    lines = [f"device: {result['device']['name']}; torch {result['versions']['torch']}, "
+             f"nnunetv2 {result['versions']['nnunetv2']}; {precision}",
+             f"input: batch {s['batch_size']} x {s['channels']} channels x {'x'.join(map(str, s['patch_size']))}, "
+             f"{s['num_classes']} outputs; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating",
+             f"ours: {ours['origin']}", f"baseline: {base['origin']}", "", header]
+    for label, key, scale, digits in rows:
+        a, b = ours.get(key), base.get(key)
+        lines.append(f"{label:36}{_fmt(None if a is None else a * scale, digits):>22}"
+                     f"{_fmt(None if b is None else b * scale, digits):>30}{_fmt(ratios.get(key), 2):>15}")
+    lines += ["", f"memory: {result['memory_method']}", ""]
+    return "\n".join(lines + _our_parts(ours))
+
+
+def _our_parts(ours: dict[str, Any]) -> list[str]:
+    """Where our network's forward FLOPs and parameters sit: experts (per stage), gates, decoder."""
+    flops, params = ours.get("inference_flops_by_module", {}), ours.get("params_by_part", {})
+    depths = ours["arch_kwargs"].get("swin_depths", [])
+    rows = [("experts, all", flops.get("encoder.experts.*"), params.get("encoder.experts"))]
+    for s, depth in enumerate(depths):
+        kind = f"Swin, {depth} blocks" if depth else "conv"
+        rows.append((f"  stage {s} ({kind})", flops.get(f"encoder.experts.*.stages.{s}"), None))
+    gates = [v for k, v in flops.items() if k.startswith("encoder.gates.") and k.count(".") == 2]
+    rows += [("gates", sum(gates) if gates else None, params.get("encoder.gates")),
+             ("expert heads (curriculum only)", None, params.get("encoder.heads")),
+             ("decoder", flops.get("decoder"), params.get("decoder"))]
+    lines = [f"{'ours, by part':36}{'inference GFLOP':>22}{'parameters, M':>30}"]
+    for label, f, p in rows:
+        if f is not None or p is not None:
+            lines.append(f"{label:36}{_fmt(None if f is None else f * 1e-9):>22}"
+                         f"{_fmt(None if p is None else p * 1e-6, 2):>30}")
+    return lines
+
+
+def write_json(result: dict[str, Any], path: str) -> None:
+    """Write a `run_benchmark` result as indented JSON (creating the folder)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2, default=lambda o: o.item() if hasattr(o, "item") else str(o))

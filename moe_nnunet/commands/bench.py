@@ -1,0 +1,95 @@
+"""`moe_nnunet bench`: our network against nnU-Net's own network, measured in one run.
+
+The measuring itself lives in `moe_nnunet.benchmark`; this module only parses arguments.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+__all__ = ["register", "run", "command_line"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench", help="time, size and count FLOPs of our network against nnU-Net's on the same input",
+        description="Measure our M4oE network and nnU-Net's network side by side, alternating steps: training "
+                    "step and inference time, peak memory, parameters, FLOPs and the planner's memory "
+                    "estimate. Give a preprocessed dataset (-d, -c) or use --synthetic.")
+    data = parser.add_argument_group("what to build")
+    data.add_argument("-d", "--dataset", help="dataset name or id (with its plans in nnUNet_preprocessed)")
+    data.add_argument("-c", "--configuration", help="configuration, e.g. 3d_fullres")
+    data.add_argument("-p", "--plans", default="nnUNetM4oEPlans", help="our plans name (default: %(default)s)")
+    data.add_argument("--baseline_plans", default="nnUNetPlans",
+                      help="nnU-Net's plans to compare with (default: %(default)s); when the file or the "
+                           "configuration is missing, PlainConvUNet with our plans' stages is used")
+    data.add_argument("--synthetic", action="store_true",
+                      help="no dataset: both networks from nnU-Net's default topology for --patch_size "
+                           "(defaults: 4 channels, 128 128 128, batch 2, 3 outputs)")
+    data.add_argument("--patch_size", type=int, nargs="+", metavar="N", help="override the patch size")
+    data.add_argument("--batch_size", type=int, help="override the batch size")
+    data.add_argument("--channels", type=int, help="override the number of input channels (one expert each)")
+    data.add_argument("--num_classes", type=int, default=3, help="outputs in --synthetic mode (default: 3)")
+    how = parser.add_argument_group("how to measure")
+    how.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    how.add_argument("--iterations", type=int, default=10, help="measured steps per network (default: 10)")
+    how.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
+    how.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
+    how.add_argument("--compile", action="store_true", help="torch.compile both networks (CUDA)")
+    how.add_argument("--no_memory", action="store_true",
+                     help="CPU: skip the extra process per network that measures peak memory")
+    how.add_argument("--json", metavar="OUT.json", help="write every figure, versions and the command here")
+    parser.set_defaults(func=run)
+
+
+def command_line(args: argparse.Namespace, device: str) -> str:
+    """The full command with every effective option, so that a result can be reproduced exactly."""
+    words = ["moe_nnunet", "bench"]
+    if args.synthetic:
+        words.append("--synthetic")
+    else:
+        words += ["-d", str(args.dataset), "-c", args.configuration, "-p", args.plans,
+                  "--baseline_plans", args.baseline_plans]
+    for option in ("channels", "batch_size"):
+        if getattr(args, option) is not None:
+            words += [f"--{option}", str(getattr(args, option))]
+    if args.patch_size:
+        words += ["--patch_size", *map(str, args.patch_size)]
+    if args.synthetic:
+        words += ["--num_classes", str(args.num_classes)]
+    words += ["--device", device, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    words += [f"--{flag}" for flag in ("bf16", "compile", "no_memory") if getattr(args, flag)]
+    if args.json:
+        words += ["--json", args.json]
+    return shlex.join(words)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from moe_nnunet import benchmark
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        if args.synthetic:
+            setup = benchmark.synthetic_setup(args.channels or 4, args.patch_size or (128, 128, 128),
+                                              args.batch_size or 2, args.num_classes)
+        else:
+            if args.dataset is None or args.configuration is None:
+                print("moe_nnunet bench: error: give -d DATASET and -c CONFIGURATION, or --synthetic",
+                      file=sys.stderr)
+                return 2
+            setup = benchmark.plans_setup(args.dataset, args.configuration, args.plans, args.baseline_plans,
+                                          args.patch_size, args.batch_size, args.channels)
+        result = benchmark.run_benchmark(
+            setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
+            command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr))
+    except ValueError as e:
+        print(f"moe_nnunet bench: error: {e}", file=sys.stderr)
+        return 2
+    print(benchmark.format_report(result))
+    if args.json:
+        benchmark.write_json(result, args.json)
+        print(f"\nwritten: {args.json}")
+    return 0

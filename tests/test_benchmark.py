@@ -1,0 +1,115 @@
+"""`moe_nnunet bench` on CPU: the synthetic comparison end to end, plans-based setups, clear errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moe_nnunet.cli import main
+from moe_nnunet.networks import M4OE_NETWORK_CLASS
+
+PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+
+
+def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = main(["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
+                 "--iterations", "2", "--warmup", "1", "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "ours/baseline" in printed and "training step, median ms" in printed
+
+    result = json.loads(out.read_text())
+    assert result["setup"]["patch_size"] == [8, 16, 16] and result["setup"]["channels"] == 2
+    assert result["command"].startswith("moe_nnunet bench --synthetic --channels 2")
+    assert result["versions"]["torch"] and result["versions"]["nnunetv2"] and result["device"]["name"]
+    ours, base = result["networks"]["ours"], result["networks"]["baseline"]
+    assert ours["class"] == M4OE_NETWORK_CLASS and base["class"] == PLAIN
+    for net in (ours, base):
+        assert len(net["train_ms_all"]) == 2 and len(net["inference_ms_all"]) == 2
+        for key in ("train_ms", "inference_ms", "train_flops", "inference_flops", "params", "planner_estimate",
+                    "train_memory_mib", "inference_memory_mib"):
+            assert net[key] > 0, key
+        assert net["train_flops"] > 2 * net["inference_flops"]  # backward costs about twice the forward
+        assert net["train_memory_mib"] >= net["inference_memory_mib"]
+    # same decoder and stem in both, plus one expert per channel and the gates: ours is larger
+    assert ours["params"] > base["params"] and ours["params_by_part"]["decoder"] == base["params_by_part"]["decoder"]
+    assert ours["inference_flops_by_module"]["encoder.experts.*.stages.0"] > 0
+    for key, ratio in result["ratios"].items():
+        assert ratio == pytest.approx(ours[key] / base[key]), key
+
+
+def _write_preprocessed(root: Path, plans_name: str) -> None:
+    """A preprocessed-dataset folder holding only what the benchmark reads: dataset.json and one plans file."""
+    folder = root / "Dataset991_BenchTiny"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(json.dumps({
+        "channel_names": {"0": "T1", "1": "FLAIR"}, "labels": {"background": 0, "a": 1, "b": 2, "c": 3},
+        "numTraining": 1, "file_ending": ".nii.gz"}))
+    n = 3
+    architecture = {
+        "network_class_name": PLAIN,
+        "arch_kwargs": {"n_stages": n, "features_per_stage": [8, 16, 32], "conv_op": "torch.nn.modules.conv.Conv3d",
+                        "kernel_sizes": [[3, 3, 3]] * n, "strides": [[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+                        "n_conv_per_stage": [2] * n, "n_conv_per_stage_decoder": [2] * (n - 1), "conv_bias": True,
+                        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+                        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None,
+                        "dropout_op_kwargs": None, "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True}},
+        "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+    plans = {"dataset_name": folder.name, "plans_name": plans_name, "configurations": {"3d_fullres": {
+        "data_identifier": "x", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+        "patch_size": [8, 16, 16], "spacing": [1.0, 1.0, 1.0], "batch_dice": True, "architecture": architecture}}}
+    (folder / f"{plans_name}.json").write_text(json.dumps(plans))
+
+
+@pytest.fixture
+def preprocessed(tmp_path, monkeypatch) -> Path:
+    root = tmp_path / "preprocessed"
+    root.mkdir()
+    monkeypatch.setenv("nnUNet_preprocessed", str(root))
+    for var in ("nnUNet_raw", "nnUNet_results"):
+        monkeypatch.delenv(var, raising=False)
+    return root
+
+
+@pytest.mark.parametrize("baseline_plans", ["nnUNetPlans", "NoSuchPlans"])
+def test_plans_setup_reads_channels_labels_and_baseline(preprocessed, baseline_plans):
+    from moe_nnunet.benchmark import plans_setup
+    _write_preprocessed(preprocessed, "nnUNetPlans")
+    setup = plans_setup(991, "3d_fullres", plans="nnUNetPlans", baseline_plans=baseline_plans)
+    assert setup.patch_size == [8, 16, 16] and setup.batch_size == 2
+    # two channels in dataset.json -> two experts named after them; background + 3 labels -> 4 outputs
+    assert setup.ours.class_name == M4OE_NETWORK_CLASS and setup.ours.input_channels == 2
+    assert setup.ours.arch_kwargs["expert_names"] == ["T1", "FLAIR"] and setup.ours.num_classes == 4
+    assert setup.baseline.class_name == PLAIN and setup.baseline.num_classes == 4
+    if baseline_plans == "nnUNetPlans":
+        assert setup.baseline.origin == "nnUNetPlans.json 3d_fullres"
+    else:
+        assert "NoSuchPlans.json not found" in setup.baseline.origin
+        assert setup.baseline.arch_kwargs["strides"] == setup.ours.arch_kwargs["strides"]
+
+
+def test_plans_mode_runs_from_the_command_line(preprocessed, tmp_path):
+    _write_preprocessed(preprocessed, "nnUNetPlans")
+    out = tmp_path / "plans.json"
+    assert main(["bench", "-d", "991", "-c", "3d_fullres", "-p", "nnUNetPlans", "--device", "cpu",
+                 "--iterations", "1", "--warmup", "0", "--no_memory", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["setup"]["dataset"] == "Dataset991_BenchTiny" and result["setup"]["num_classes"] == 4
+    assert result["networks"]["ours"]["train_ms"] > 0 and result["networks"]["baseline"]["train_ms"] > 0
+    assert "train_memory_mib" not in result["networks"]["ours"]
+
+
+@pytest.mark.parametrize("write_plans, expected", [(False, "dataset 987"),
+                                                   (True, "nnUNetM4oEPlans.json not found")])
+def test_missing_dataset_or_plans_is_a_clear_error(preprocessed, capsys, write_plans, expected):
+    dataset = "987"
+    if write_plans:  # the dataset exists but has only nnU-Net's plans, not ours
+        _write_preprocessed(preprocessed, "nnUNetPlans")
+        dataset = "991"
+    assert main(["bench", "-d", dataset, "-c", "3d_fullres", "--device", "cpu"]) != 0
+    err = capsys.readouterr().err
+    assert expected in err and "moe_nnunet bench: error" in err
+    if write_plans:
+        assert "moe_nnunet plan -d 991" in err and "nnUNetPlans" in err
