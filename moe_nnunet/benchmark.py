@@ -315,9 +315,7 @@ class _Runner:
     def __init__(self, spec: NetworkSpec, patch: Sequence[int], batch_size: int, batch_dice: bool,
                  device: torch.device, bf16: bool) -> None:
         self.spec, self.device, self.bf16 = spec, device, bf16
-        self.net = spec.build(deep_supervision=True)
-        if device.type != "cpu":
-            self.net.to(device)
+        self.net = spec.build(deep_supervision=True).to(device)
         self.model: nn.Module = self.net  # what gets called: the network, or its compiled wrapper
         self.x = torch.randn(batch_size, spec.input_channels, *patch, device=device)
         self.targets = [torch.randint(0, spec.num_classes, (batch_size, 1, *shape), device=device)
@@ -402,6 +400,7 @@ class _Runner:
         return total
 
     def describe(self, patch: Sequence[int]) -> dict[str, Any]:
+        """Class, origin, kwargs, parameter counts and the planner's estimate for `patch`."""
         try:
             estimate = int(self.net.compute_conv_feature_map_size(list(patch)))
         except (AttributeError, NotImplementedError):
