@@ -111,7 +111,10 @@ def run_demo(output: Path, device: str = "cpu", fresh: bool = False) -> dict:
     pipe.step("predict held-out cases with M4oE", (predictions / f"{held_out[-1]}.nii.gz").is_file(),
               "nnUNetv2_predict", "-i", str(inputs), "-o", str(predictions), "-d", d, "-c", "3d_fullres",
               "-f", "0", "-tr", m4oe, "-p", PLANS, "-device", device)
-    gt = pipe.raw / pipe.dataset_name / "labelsTr"
+    gt = output / "held_out_labels"  # nnU-Net's evaluation expects a prediction for every reference file
+    gt.mkdir(exist_ok=True)
+    for case in held_out:
+        shutil.copy(pipe.raw / pipe.dataset_name / "labelsTr" / f"{case}.nii.gz", gt / f"{case}.nii.gz")
     pipe.step("evaluate predictions", (predictions / "summary.json").is_file(), "nnUNetv2_evaluate_folder",
               str(gt), str(predictions), "-djfile", str(predictions / "dataset.json"),
               "-pfile", str(predictions / "plans.json"))
