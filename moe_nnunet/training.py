@@ -1,13 +1,34 @@
 """Plain-torch training pieces the trainers share: the MoE loss, AdamW parameter groups, warm-up schedule."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import _LRScheduler
 
-__all__ = ["MoETrainingLoss", "adamw_param_groups", "WarmupPolyLRScheduler"]
+__all__ = ["MoETrainingLoss", "adamw_param_groups", "WarmupPolyLRScheduler", "sample_modality_dropout"]
+
+
+def sample_modality_dropout(batch_size: int, num_modalities: int, p: float,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Which modalities each sample keeps: (B, M) bool, never all False.
+
+    With probability `p` a sample loses a uniformly drawn non-empty proper subset of its modalities (each of
+    the 2^M - 2 subsets equally likely), so at least one modality always stays; otherwise it keeps all.
+    With one modality nothing is dropped. (Modality dropout: Neverova et al., "ModDrop", TPAMI 2016.)
+    """
+    keep = torch.ones(batch_size, num_modalities, dtype=torch.bool)
+    if num_modalities < 2 or p <= 0:
+        return keep
+    drop = torch.rand(batch_size, generator=generator) < p
+    n = int(drop.sum())
+    if n:
+        # a random integer in [1, 2^M - 2] read as a bit mask of the dropped modalities
+        codes = torch.randint(1, 2 ** num_modalities - 1, (n,), generator=generator)
+        bits = (codes.view(-1, 1) >> torch.arange(num_modalities)) & 1
+        keep[drop] = bits == 0
+    return keep
 
 
 class MoETrainingLoss(nn.Module):
@@ -17,6 +38,10 @@ class MoETrainingLoss(nn.Module):
     the trainer each epoch (0 -> experts learn their own modality, 1 -> the gated mixture alone;
     MoME's curriculum). Expert logits and router losses are read from the network after its forward pass,
     so the network's `forward` keeps returning logits only.
+
+    An expert learns only from the samples it is responsible for: `expert_mask` ((B, E) bool, set by the
+    trainer for each batch; None = all) excludes the samples whose modality was dropped or, across
+    datasets, the cases of other modalities.
 
     Args:
         mixture_loss: nnU-Net's loss (deep-supervision wrapped or not) for the network output.
@@ -31,17 +56,35 @@ class MoETrainingLoss(nn.Module):
         self.expert_loss = expert_loss
         self._network = (network,)
         self.mixture_weight = 1.0
+        self.expert_mask: torch.Tensor | None = None
+
+    def experts_term(self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
+        """Mean over experts of each expert's loss on the samples it is responsible for."""
+        losses = []
+        for e, logits in enumerate(expert_logits):
+            if self.expert_mask is None:
+                losses.append(self.expert_loss(logits, target))
+            else:
+                rows = self.expert_mask[:, e].to(logits.device)
+                if bool(rows.any()):
+                    losses.append(self.expert_loss(logits[rows], target[rows]))
+        if not losses:
+            return torch.zeros((), device=target.device)
+        return sum(losses) / len(losses)
 
     def forward(self, output, target) -> torch.Tensor:
         net = self._network[0]
-        loss = self.mixture_loss(output, target)
         if not net.training:
-            return loss
+            return self.mixture_loss(output, target)
         expert_logits = net.pop_expert_logits()
-        if expert_logits and self.mixture_weight < 1:
-            full_res = target[0] if isinstance(target, (list, tuple)) else target
-            expert = sum(self.expert_loss(logits, full_res) for logits in expert_logits) / len(expert_logits)
-            loss = self.mixture_weight * loss + (1 - self.mixture_weight) * expert
+        full_res = target[0] if isinstance(target, (list, tuple)) else target
+        if self.mixture_weight >= 1 or not expert_logits:
+            loss = self.mixture_loss(output, target)
+        elif self.mixture_weight <= 0:  # the experts alone (two-stage training, stage 1)
+            loss = self.experts_term(expert_logits, full_res)
+        else:
+            loss = (self.mixture_weight * self.mixture_loss(output, target)
+                    + (1 - self.mixture_weight) * self.experts_term(expert_logits, full_res))
         return loss + net.auxiliary_loss()
 
 
@@ -64,10 +107,13 @@ class WarmupPolyLRScheduler(_LRScheduler):
 
     Like nnU-Net's `PolyLRScheduler`, `step(epoch)` sets the rate from the epoch alone, so a resumed
     training (`--c`) continues on the same curve without stored scheduler state.
+
+    `lr_scale(step)`, if given, multiplies the rate (e.g. a lower rate for a fine-tuning phase).
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, warmup_steps: int,
-                 exponent: float = 0.9) -> None:
+                 exponent: float = 0.9, lr_scale: Callable[[int], float] | None = None) -> None:
+        self.lr_scale = lr_scale
         self.initial_lr = initial_lr
         self.max_steps = max_steps
         self.warmup_steps = warmup_steps
@@ -77,9 +123,11 @@ class WarmupPolyLRScheduler(_LRScheduler):
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup_steps:
-            return self.initial_lr * (step + 1) / (self.warmup_steps + 1)
-        progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
-        return self.initial_lr * max(0.0, 1 - progress) ** self.exponent
+            lr = self.initial_lr * (step + 1) / (self.warmup_steps + 1)
+        else:
+            progress = (step - self.warmup_steps) / max(1, self.max_steps - self.warmup_steps)
+            lr = self.initial_lr * max(0.0, 1 - progress) ** self.exponent
+        return lr * self.lr_scale(step) if self.lr_scale is not None else lr
 
     def step(self, current_step: int | None = None) -> None:
         if current_step is None or current_step == -1:

@@ -1,8 +1,13 @@
 """nnU-Net trainers for the M4oE network (modality experts + gate)."""
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+from typing import Iterator
+
 import numpy as np
 import torch
+import torch.distributed as dist
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
@@ -11,13 +16,18 @@ from torch import nn
 from torch._dynamo import OptimizedModule
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from moe_nnunet.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
+from moe_nnunet.trainers.modality import ModalityDropout
 from moe_nnunet.training import MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups
 
 __all__ = ["nnUNetTrainerM4oE"]
 
 
-class nnUNetTrainerM4oE(nnUNetTrainer):
+GATE_LOG_KEY = "moe_gate_weights"
+
+
+class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
     """M4oE in nnU-Net: one Swin expert per modality, a per-token gate at every scale, nnU-Net's decoder.
 
     Changes to nnU-Net's default trainer:
@@ -28,9 +38,17 @@ class nnUNetTrainerM4oE(nnUNetTrainer):
       * loss: nnU-Net's DC+CE with deep supervision, plus the routers' balance and z-losses, plus a
         curriculum (MoME, Zhang et al., MICCAI 2024): each expert first learns its own modality through a
         light head of its own (`mixture_weight` 0 at epoch 0), and the gated mixture takes over linearly
-        until `curriculum_epochs` (weight 1); the expert heads are then switched off.
+        until `curriculum_epochs` (weight 1); the expert heads are then switched off;
+      * modality dropout (`ModalityDropout`, p = 0.5): a sample's dropped channels are zero-filled and their
+        experts masked before the gate's softmax, so the model predicts with modalities missing
+        (`moe_nnunet predict`). An expert's own loss uses only the samples whose modality it saw (and, for
+        datasets combined across modalities by `moe_nnunet combine`, only the cases of its modality);
+      * gate statistics: each epoch's mean gate weight per expert (per scale, per label, per case modality)
+        goes to the log and to `gate_weights.png` beside `progress.png`; validation writes each case's mean
+        gate weights to `gate_weights_validation.json` in the fold folder.
     Everything is a function of the epoch, so `--c` resumes on the same schedule.
     """
+    supports_missing_modalities = "mask"
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -39,6 +57,12 @@ class nnUNetTrainerM4oE(nnUNetTrainer):
         self.weight_decay = 0.05
         self.warmup_epochs = 10
         self.curriculum_epochs = 50
+        tags = dataset_json.get("moe_nnunet") or {}
+        self.modality_names: list[str] = list(tags.get("modalities", []))
+        self.case_modality: dict[str, str] = dict(tags.get("case_modality", {}))
+        labels = None if self.label_manager.has_regions else \
+            {int(v): k for k, v in dataset_json["labels"].items() if k != "ignore"}
+        self.gate_stats = GateStatistics([], labels, self.modality_names)
 
     @staticmethod
     def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
@@ -80,10 +104,77 @@ class nnUNetTrainerM4oE(nnUNetTrainer):
         self.loss.mixture_weight = weight
         self.moe_network.encoder.expert_heads_active = weight < 1
         self.print_to_log_file(f"mixture weight (expert curriculum): {weight:.3f}")
+        self.gate_stats.expert_names = list(self.moe_network.expert_names)
+        self.gate_stats.reset()
+
+    def own_modality(self, keys) -> torch.Tensor | None:
+        """(B, E) bool, expert e is of case b's modality tag (datasets combined across modalities), else None."""
+        if not self.case_modality:
+            return None
+        missing = [str(k) for k in keys if str(k) not in self.case_modality]
+        if missing:
+            raise RuntimeError(f"cases {missing[:5]} have no modality tag in dataset.json's 'moe_nnunet' entry; "
+                               f"rebuild the dataset with `moe_nnunet combine` and preprocess it again.")
+        names = self.moe_network.expert_names
+        return torch.tensor([[self.case_modality[str(k)] == n for n in names] for k in keys], dtype=torch.bool)
+
+    def experts_for_batch(self, keep: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(present, responsible)`, both (B, E) bool: the experts the gate may use for each sample (their
+        channels were kept), and the samples each expert's own loss learns from (present and, across
+        datasets, of the expert's modality)."""
+        present = self.moe_network.experts_present_for_channels(keep)
+        own = self.own_modality(keys)
+        return present, present if own is None else present & own
+
+    @contextmanager
+    def modalities_dropped(self, keep: torch.Tensor, batch: dict) -> Iterator[None]:
+        net = self.moe_network
+        keys = batch.get("keys", [])
+        present, self.loss.expert_mask = self.experts_for_batch(keep, keys)
+        gates = net.encoder.gates
+        gates[0].keep_weights = True
+        try:
+            with net.experts_present(present.to(self.device, non_blocking=True)):
+                yield
+        finally:
+            gates[0].keep_weights = False
+            self.loss.expert_mask = None
+        target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
+        sample_modality = None
+        if self.case_modality and self.modality_names:
+            sample_modality = torch.tensor([self.modality_names.index(self.case_modality[str(k)])
+                                            for k in keys])
+        self.gate_stats.update([g.mean_weights for g in gates], gates[0].weights, target, sample_modality)
+        gates[0].weights = None
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
+        reduce = (lambda t: dist.all_reduce(t)) if self.is_ddp else None
+        summary = self.gate_stats.summary(reduce)
+        self.print_to_log_file(f"gate weights {summary['experts']} (epoch mean over scales): {summary.get('mean')}")
+        for group in ("per_label", "per_modality"):
+            if summary.get(group):
+                self.print_to_log_file(f"gate weights {group.replace('_', ' ')} (full resolution): "
+                                       f"{summary[group]}")
+        history = self.logger.local_logger.my_fantastic_logging.setdefault(GATE_LOG_KEY, [])
+        history.extend([None] * (self.current_epoch - len(history)))  # resumed from an older checkpoint
+        self.logger.log(GATE_LOG_KEY, summary, self.current_epoch)
+        if self.local_rank == 0:
+            try:
+                plot_gate_history(self.logger.get_value(GATE_LOG_KEY, step=None),
+                                  os.path.join(self.output_folder, "gate_weights.png"))
+            except Exception as e:  # a plot must never stop a training
+                self.print_to_log_file(f"could not plot gate weights: {e}")
+
+    def perform_actual_validation(self, save_probabilities: bool = False):
         net = self.moe_network
-        weights = {f"scale {s}": np.round(g.mean_weights.detach().cpu().numpy(), 3).tolist()
-                   for s, g in enumerate(net.encoder.gates)}
-        self.print_to_log_file(f"gate weights {net.expert_names} (last batch): {weights}")
+        recorder = ValidationGateRecorder(self.network, net.encoder.gates, net.expert_names)
+        dataset_class = self.dataset_class
+        self.dataset_class = recorder.wrap_dataset_class(dataset_class)
+        try:
+            super().perform_actual_validation(save_probabilities)
+        finally:
+            self.dataset_class = dataset_class
+            recorder.close()
+        suffix = "" if not self.is_ddp else f"_rank{self.local_rank}"
+        recorder.save(os.path.join(self.output_folder, f"gate_weights_validation{suffix}.json"))

@@ -9,9 +9,12 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
+from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
+from moe_nnunet.trainers.two_stage import nnUNetTrainerM4oEExperts, nnUNetTrainerM4oEGate
 
 __all__ = ["nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerM4oE_debug",
-           "nnUNetTrainerM4oE_demo", "nnUNetTrainerDemo"]
+           "nnUNetTrainerM4oE_demo", "nnUNetTrainerDemo", "nnUNetTrainerChannelDropout_demo",
+           "nnUNetTrainerChannelDropout_debug", "nnUNetTrainerM4oEExperts_debug", "nnUNetTrainerM4oEGate_debug"]
 
 # the CPU demo trains both models for the same number of iterations
 DEMO_SCHEDULE = {"num_epochs": 8, "num_iterations_per_epoch": 15, "num_val_iterations_per_epoch": 3}
@@ -38,16 +41,37 @@ class nnUNetTrainerM4oE_100epochs(_Scheduled, nnUNetTrainerM4oE):
     SCHEDULE = {"num_epochs": 100, "warmup_epochs": 5, "curriculum_epochs": 10}
 
 
-class nnUNetTrainerM4oE_debug(_Scheduled, nnUNetTrainerM4oE):
+DEBUG_SCHEDULE = {"num_epochs": 2, "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 2}
+
+
+class _Debug(_Scheduled):
     """2 epochs of 4 training and 2 validation iterations, no test-time mirroring: checks on CPU that plans,
     data and code run."""
-    SCHEDULE = {"num_epochs": 2, "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 2,
-                "warmup_epochs": 0, "curriculum_epochs": 1}
+    SCHEDULE = DEBUG_SCHEDULE
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
         self.inference_allowed_mirroring_axes = None  # training still mirrors; validation runs 8x faster
         return configured
+
+
+class nnUNetTrainerM4oE_debug(_Debug, nnUNetTrainerM4oE):
+    """`_Debug` schedule, expert curriculum over the first epoch."""
+    SCHEDULE = {**DEBUG_SCHEDULE, "warmup_epochs": 0, "curriculum_epochs": 1}
+
+
+class nnUNetTrainerChannelDropout_debug(_Debug, nnUNetTrainerChannelDropout):
+    """`_Debug` schedule for nnU-Net's network with modality dropout."""
+
+
+class nnUNetTrainerM4oEExperts_debug(_Debug, nnUNetTrainerM4oEExperts):
+    """`_Debug` schedule for stage 1 of the two-stage training."""
+    SCHEDULE = {**DEBUG_SCHEDULE, "warmup_epochs": 0}
+
+
+class nnUNetTrainerM4oEGate_debug(_Debug, nnUNetTrainerM4oEGate):
+    """`_Debug` schedule for stage 2: experts frozen in epoch 0, trained in epoch 1."""
+    SCHEDULE = {**DEBUG_SCHEDULE, "warmup_epochs": 0}
 
 
 class nnUNetTrainerM4oE_demo(_Scheduled, nnUNetTrainerM4oE):
@@ -57,4 +81,9 @@ class nnUNetTrainerM4oE_demo(_Scheduled, nnUNetTrainerM4oE):
 
 class nnUNetTrainerDemo(_Scheduled, nnUNetTrainer):
     """nnU-Net's own trainer and network on the CPU demo's schedule (the baseline M4oE is compared with)."""
+    SCHEDULE = DEMO_SCHEDULE
+
+
+class nnUNetTrainerChannelDropout_demo(_Scheduled, nnUNetTrainerChannelDropout):
+    """nnU-Net's network with modality dropout on the CPU demo's schedule (the missing-modality baseline)."""
     SCHEDULE = DEMO_SCHEDULE

@@ -47,12 +47,14 @@ class ExpertGate(nn.Module):
     """Gate of one scale: looks at every expert's features and gives each token softmax weights over experts.
 
     The router is a two-layer point-wise MLP (1x1 convolutions) over the concatenated expert features,
-    evaluated in float32 whatever the autocast state. Absent experts (`present` False) get exactly zero
-    weight because their logits are set to -inf before the softmax. With `top_k`, each token keeps its
-    k largest weights, renormalised to sum to one.
+    evaluated in float32 whatever the autocast state. Absent experts (`present` False) are zeroed in the
+    router's input, so what the router sees does not depend on what an absent expert made of an empty
+    channel, and get exactly zero weight because their logits are set to -inf before the softmax. With
+    `top_k`, each token keeps its k largest weights, renormalised to sum to one.
 
     While training, the module keeps `aux_loss` (balance + z-loss, weighted) for the trainer to add to
-    its loss, and `mean_weights` (E,), the detached average gate weight, for logging. In eval both are 0.
+    its loss (0 in eval). After every forward pass, `mean_weights` (E,) holds the detached average gate
+    weight over batch and tokens, and `weights` the detached (B, E, *S) map when `keep_weights` is set.
 
     Args:
         channels: feature channels of each expert at this scale (C).
@@ -80,6 +82,8 @@ class ExpertGate(nn.Module):
         self.logits = conv_op(hidden, num_experts, kernel_size=1)
         self.aux_loss = torch.zeros(())
         self.mean_weights = torch.zeros(num_experts)
+        self.keep_weights = False
+        self.weights: torch.Tensor | None = None
 
     def reset_router(self) -> None:
         """Start from an even gate: zero output layer, so every expert gets weight 1/E."""
@@ -94,12 +98,16 @@ class ExpertGate(nn.Module):
         Returns:
             (B, C, *S) gated sum of the expert features.
         """
-        x = torch.cat(features, dim=1)
+        if present is not None:
+            view = present.shape + (1,) * (features[0].ndim - 2)
+            present_view = present.view(view)
+            x = torch.cat([f * present_view[:, e:e + 1].to(f.dtype) for e, f in enumerate(features)], dim=1)
+        else:
+            x = torch.cat(features, dim=1)
         with torch.autocast(device_type=x.device.type, enabled=False):
             logits = self.logits(self.act(self.hidden(x.float())))  # (B, E, *S)
             if present is not None:
-                view = present.shape + (1,) * (logits.ndim - 2)
-                logits = logits.masked_fill(~present.view(view), float("-inf"))
+                logits = logits.masked_fill(~present_view, float("-inf"))
             probs = torch.softmax(logits, dim=1)
             weights = probs
             if self.top_k is not None and self.top_k < self.num_experts:
@@ -110,9 +118,10 @@ class ExpertGate(nn.Module):
             # logsumexp ignores the -inf of absent experts, so the z-loss needs no special case
             self.aux_loss = (self.balance_loss_weight * switch_balance_loss(probs, present)
                              + self.z_loss_weight * router_z_loss(logits))
-            self.mean_weights = weights.detach().movedim(1, -1).reshape(-1, self.num_experts).mean(0)
         else:
             self.aux_loss = torch.zeros((), device=x.device)
+        self.mean_weights = weights.detach().movedim(1, -1).reshape(-1, self.num_experts).mean(0)
+        self.weights = weights.detach() if self.keep_weights else None
         w = weights.to(features[0].dtype)
         fused = w[:, 0:1] * features[0]
         for e in range(1, self.num_experts):

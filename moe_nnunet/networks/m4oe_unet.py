@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
@@ -54,9 +55,31 @@ class MoEEncoder(nn.Module):
         # set by the trainer during its expert curriculum; then `expert_logits` holds each expert's own prediction
         self.expert_heads_active = False
         self.expert_logits: list[torch.Tensor] = []
+        # availability of the experts used when `forward` gets none: (B, E) or (E,) bool, None = all present
+        self.present: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> list[torch.Tensor]:
-        per_expert = [expert(x[:, ch]) for expert, ch in zip(self.experts, self.expert_channels)]
+        """
+        Args:
+            x: (B, C_in, *S) image.
+            present: (B, E) bool per sample, or (E,) for the whole batch; False marks an expert whose modality
+                is missing. Defaults to `self.present`; None means every expert is present.
+        Returns:
+            fused skips, one (B, features_per_stage[s], *S_s) tensor per stage.
+        """
+        if present is None:
+            present = self.present
+        if present is not None and present.ndim == 1:
+            present = present.view(1, -1).expand(x.shape[0], -1)
+        skip_absent = present is not None and not self.training and not torch.compiler.is_compiling()
+        available = present.any(0).tolist() if skip_absent else [True] * len(self.experts)
+        if not any(available):
+            raise ValueError("every expert is marked absent; at least one modality must be present.")
+        per_expert = [expert(x[:, ch]) if use else None
+                      for expert, ch, use in zip(self.experts, self.expert_channels, available)]
+        if not all(available):  # inference without a modality: skip its expert, give the gate zeros
+            reference = per_expert[available.index(True)]
+            per_expert = [f if f is not None else [torch.zeros_like(r) for r in reference] for f in per_expert]
         skips = [gate([f[s] for f in per_expert], present) for s, gate in enumerate(self.gates)]
         if self.training and self.expert_heads_active:
             self.expert_logits = [head(f) for head, f in zip(self.heads, per_expert)]
@@ -159,8 +182,30 @@ class M4oEUNet(nn.Module):
                                    conv_bias=conv_bias)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None):
-        """(B, C_in, *S) -> logits (B, num_classes, *S), or a list of them (deep supervision, highest first)."""
+        """(B, C_in, *S) -> logits (B, num_classes, *S), or a list of them (deep supervision, highest first).
+
+        `present` ((B, E) or (E,) bool) masks the experts of missing modalities: they get zero gate weight
+        and, in eval, are not computed. nnU-Net calls `network(x)`; `experts_present` sets the mask then.
+        """
         return self.decoder(self.encoder(x, present))
+
+    @property
+    def expert_channels(self) -> list[list[int]]:
+        return self.encoder.expert_channels
+
+    def experts_present_for_channels(self, channel_present: torch.Tensor) -> torch.Tensor:
+        """Expert availability from channel availability: (..., C_in) bool -> (..., E) bool. An expert is
+        present when any of its channels is."""
+        return torch.stack([channel_present[..., ch].any(-1) for ch in self.expert_channels], dim=-1)
+
+    @contextmanager
+    def experts_present(self, present: torch.Tensor | None) -> Iterator[None]:
+        """Within the block, calls without an explicit `present` use this mask ((B, E) or (E,) bool)."""
+        previous, self.encoder.present = self.encoder.present, present
+        try:
+            yield
+        finally:
+            self.encoder.present = previous
 
     def auxiliary_loss(self) -> torch.Tensor:
         """Sum of the gates' weighted router losses from the last forward pass (0 in eval)."""
