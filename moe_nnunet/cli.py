@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # order shown in `moe_nnunet --help`
-COMMANDS = ("plan", "trainer_path", "datasets", "demo", "bench")
+COMMANDS = ("plan", "trainer_path", "datasets", "combine", "demo", "bench")
 
 
 def build_parser() -> argparse.ArgumentParser:

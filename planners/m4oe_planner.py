@@ -6,6 +6,7 @@ from typing import List, Tuple, Union
 import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
+from moe_nnunet.datasets.combine import experts_from_dataset_json
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.networks.m4oe_unet import M4oEUNet
 
@@ -19,7 +20,9 @@ class M4oEPlanner(ExperimentPlanner):
     that estimate is our network's own `compute_conv_feature_map_size` with its Swin settings for each
     candidate patch, so the experts' cost decides the patch size. Patches stay divisible by the total stride
     and every stage's attention window is chosen to tile its feature map
-    (`moe_nnunet.networks.config.choose_window`). One expert per `channel_names` entry of dataset.json.
+    (`moe_nnunet.networks.config.choose_window`). One expert per `channel_names` entry of dataset.json, or,
+    for a dataset written by `moe_nnunet combine`, one expert per modality tag, each reading channel 0
+    (`moe_nnunet.datasets.combine.experts_from_dataset_json`).
 
     2d and 3d_fullres reuse nnU-Net's preprocessed data (`nnUNetPlans_<config>`) because resampling and
     normalisation are nnU-Net's; 3d_lowres, whose spacing depends on the patch size, gets its own.
@@ -34,11 +37,11 @@ class M4oEPlanner(ExperimentPlanner):
         super().__init__(dataset_name_or_id, gpu_memory_target_in_gb, preprocessor_name, plans_name,
                          overwrite_target_spacing, suppress_transpose)
         self.UNet_class = M4oEUNet
-        names = self.dataset_json["channel_names"]
-        self.channel_names = [names[k] for k in sorted(names, key=int)]
+        self.expert_channels, self.expert_names = experts_from_dataset_json(self.dataset_json)
 
     def _moe_kwargs(self, patch_size, arch_kwargs: dict) -> dict:
-        return m4oe_arch_kwargs(patch_size, arch_kwargs, len(self.channel_names), self.channel_names)
+        return m4oe_arch_kwargs(patch_size, arch_kwargs, len(self.dataset_json["channel_names"]),
+                                self.expert_names, self.expert_channels)
 
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
                                    arch_kwargs, arch_kwargs_req_import):

@@ -1,0 +1,353 @@
+"""Combine single-channel raw nnU-Net datasets of different modalities into one dataset with modality tags.
+
+This is M4oE's cross-dataset setting: a CT dataset and an MRI dataset that annotate the same structures become
+one nnU-Net dataset with one input channel, and the planner builds one expert per source modality. Each case
+keeps its modality as a tag (dataset.json key ``"moe_nnunet"``, also written to ``modalities.json``), so
+trainers know which expert a case belongs to.
+
+* Labels are matched by name. Every dataset must declare the same label names: a dataset without a label
+  would teach the network that the structure is background, so differing label sets are refused.
+* Intensities are normalised here, per modality, and the combined channel is declared ``noNorm`` so that
+  nnU-Net does not normalise again. CT (channel name "CT" in the source's dataset.json) gets nnU-Net's own
+  dataset-level scheme (clip to the 0.5 / 99.5 percentiles of foreground intensities, subtract their mean,
+  divide by their std); every other modality a per-case z-score over the whole image. The parameters are
+  recorded per source so that new images can be normalised the same way (:func:`normalise_array`).
+* Case ids get the modality tag as prefix (``CT_LungCTLesion_000``); images are written as float32 with
+  their original spacing, origin and direction.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import SimpleITK as sitk
+
+from moe_nnunet.datasets.common import dataset_folder_name, resolve_raw_root, same_geometry
+
+__all__ = ["MODALITY_KEY", "TAG_FILE", "NO_NORMALISATION", "combine_datasets", "read_modality_tags",
+           "experts_from_dataset_json", "normalise_array"]
+
+MODALITY_KEY = "moe_nnunet"
+TAG_FILE = "modalities.json"
+# nnU-Net's name for "leave intensities alone" (matched case-insensitively, see
+# nnunetv2/preprocessing/normalization/map_channel_name_to_normalization.py)
+NO_NORMALISATION = "noNorm"
+# foreground intensities sampled per CT dataset, spread evenly over its cases as nnU-Net's fingerprint does
+# (nnU-Net takes 1e8; 1e7 gives the same percentiles to well below 1 HU at a tenth of the time and memory)
+CT_FOREGROUND_SAMPLES = 10 ** 7
+_SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
+_TAG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9\-]*"
+
+
+@dataclass
+class _Source:
+    """One input dataset: where it is, its modality tag and what nnU-Net's helpers found in it."""
+
+    tag: str
+    folder: Path
+    dataset_json: dict
+    cases: dict[str, dict]          # case id -> {"images": [path], "label": path}
+    labels: dict[str, int]          # foreground label name -> value
+
+    @property
+    def name(self) -> str:
+        return self.folder.name
+
+    @property
+    def channel_name(self) -> str:
+        return str(next(iter(self.dataset_json["channel_names"].values())))
+
+    @property
+    def is_ct(self) -> bool:
+        return self.channel_name.casefold() == "ct"
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+def _find_dataset(dataset: str | int, raw_root: Path) -> Path:
+    """Raw folder of a dataset given by id or name: looked up in ``raw_root`` first, then as nnU-Net does."""
+    text = str(dataset)
+    if text.isdigit():
+        found = sorted(p for p in raw_root.glob(f"Dataset{int(text):03d}_*") if p.is_dir())
+    else:
+        found = [raw_root / text] if (raw_root / text).is_dir() else []
+    if len(found) > 1:
+        raise ValueError(f"dataset id {text} is ambiguous in {raw_root}: {[p.name for p in found]}; give the name")
+    if found:
+        return found[0]
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    try:
+        name = maybe_convert_to_dataset_name(int(text) if text.isdigit() else text)
+    except (RuntimeError, ValueError) as e:
+        raise ValueError(f"cannot find dataset {text!r} in {raw_root}: {e}") from None
+    if not (raw_root / name).is_dir():
+        raise ValueError(f"dataset {name} has no raw folder in {raw_root}; combine reads imagesTr, labelsTr and "
+                         f"dataset.json from there")
+    return raw_root / name
+
+
+def _load_source(folder: Path, tag: str | None) -> _Source:
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    json_file = folder / "dataset.json"
+    if not json_file.is_file():
+        raise ValueError(f"{folder.name}: no dataset.json in {folder}")
+    dataset_json = json.loads(json_file.read_text(encoding="utf-8"))
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    if len(channels) != 1:
+        raise ValueError(f"{folder.name} has {len(channels)} channels ({channels}); combine takes single-channel "
+                         f"datasets. Split it into one dataset per channel first (each with its own channel_names "
+                         f"entry), then combine those.")
+    dataset_json["channel_names"] = {"0": str(next(iter(channels.values())))}
+    ending = dataset_json.get("file_ending")
+    if ending not in _SITK_ENDINGS:
+        raise ValueError(f"{folder.name}: file_ending {ending!r} is not supported; combine reads and writes "
+                         f"images with SimpleITK as one of {', '.join(_SITK_ENDINGS)}. Convert the dataset first.")
+    regions = {k: v for k, v in dataset_json.get("labels", {}).items() if isinstance(v, (list, tuple))}
+    if regions or "regions_class_order" in dataset_json:
+        raise ValueError(f"{folder.name} uses region-based labels ({regions or 'regions_class_order'}); combine "
+                         f"maps plain integer labels by name. Use the dataset's plain label version.")
+    labels = {str(k): int(v) for k, v in dataset_json.get("labels", {}).items() if int(v) != 0}
+    cases = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
+    if not cases:
+        raise ValueError(f"{folder.name}: no training cases found in {folder / 'imagesTr'}")
+    tag = str(dataset_json["channel_names"]["0"]) if tag is None else str(tag)
+    if not re.fullmatch(_TAG_PATTERN, tag):
+        raise ValueError(f"{folder.name}: modality tag {tag!r} must be letters, digits or '-' (it prefixes case "
+                         f"ids and names the expert); pass one with --modalities")
+    return _Source(tag, folder, dataset_json, dict(sorted(cases.items())), labels)
+
+
+def _check_tags(sources: Sequence[_Source]) -> None:
+    seen: dict[str, str] = {}
+    for s in sources:
+        other = seen.setdefault(s.tag.casefold(), s.name)
+        if other != s.name:
+            raise ValueError(f"{other} and {s.name} have the same modality tag {s.tag!r}; tags must differ (one "
+                             f"expert per tag). Pass distinct tags with --modalities (e.g. --modalities CT1 CT2), or "
+                             f"merge two datasets of the same modality into one dataset first.")
+
+
+def _combined_labels(sources: Sequence[_Source]) -> dict[str, int]:
+    """Union of the label names (all equal by now): background 0, then the first dataset's order."""
+    names = [set(s.labels) for s in sources]
+    union = set().union(*names)
+    problems = [f"{s.name} lacks {sorted(union - n)}" for s, n in zip(sources, names) if union - n]
+    if problems:
+        raise ValueError(f"label names differ: {'; '.join(problems)}. A dataset without a label would teach the "
+                         f"network that this structure is background. Relabel so that the same structure has the "
+                         f"same name in every dataset, or drop the label from the datasets that have it.")
+    order = sorted(sources[0].labels, key=sources[0].labels.get)
+    return {"background": 0, **{name: i + 1 for i, name in enumerate(order)}}
+
+
+# ----------------------------------------------------------------------------------------------------- intensities
+
+
+def _ct_normalisation(source: _Source) -> dict[str, Any]:
+    """nnU-Net's dataset-level CT statistics: foreground (label > 0) intensities sampled evenly per case."""
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+
+    per_case = max(1, CT_FOREGROUND_SAMPLES // len(source.cases))
+    samples = []
+    for case_id, files in source.cases.items():
+        image = sitk.GetArrayFromImage(sitk.ReadImage(files["images"][0]))
+        label = sitk.GetArrayFromImage(sitk.ReadImage(files["label"]))
+        if image.shape != label.shape:
+            raise ValueError(f"{source.name}: case {case_id}: image {image.shape} and label {label.shape} differ "
+                             f"in shape; fix the source dataset")
+        picked, _ = DatasetFingerprintExtractor.collect_foreground_intensities(label[None], image[None],
+                                                                              num_samples=per_case)
+        samples.append(np.asarray(picked[0]))
+    fg = np.concatenate(samples)
+    if fg.size == 0:
+        raise ValueError(f"{source.name}: no foreground voxels in any label; CT normalisation needs them")
+    lo, hi = np.percentile(fg, (0.5, 99.5))
+    return {"scheme": "CT", "mean": float(np.mean(fg)), "std": float(np.std(fg)),
+            "percentile_00_5": float(lo), "percentile_99_5": float(hi),
+            "foreground_samples_per_case": int(per_case)}
+
+
+def normalise_array(array: np.ndarray, normalisation: dict[str, Any]) -> np.ndarray:
+    """Normalise one image (any shape) as :func:`combine_datasets` did for its source; returns float32.
+
+    ``normalisation`` is a source's ``"normalisation"`` entry of the tag file: CT uses the stored dataset-level
+    percentiles, mean and std (nnU-Net's ``CTNormalization``); ``"zscore"`` uses the image's own mean and std.
+    """
+    if normalisation["scheme"] == "CT":
+        from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
+        return CTNormalization(intensityproperties=normalisation).run(np.array(array, dtype=np.float32))
+    if normalisation["scheme"] != "zscore":
+        raise ValueError(f"unknown normalisation scheme {normalisation['scheme']!r}; expected 'CT' or 'zscore'")
+    values = np.asarray(array, dtype=np.float64)
+    return ((values - values.mean()) / max(values.std(), 1e-8)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------- writing
+
+
+def _label_lookup(source: _Source, labels: dict[str, int]) -> np.ndarray:
+    """Table source value -> combined value; -1 for values the source does not declare."""
+    lut = np.full(max(source.labels.values(), default=0) + 1, -1, dtype=np.int64)
+    lut[0] = 0
+    for name, value in source.labels.items():
+        lut[value] = labels[name]
+    return lut
+
+
+def _write_source(source: _Source, out: Path, labels: dict[str, int], normalisation: dict[str, Any],
+                  file_ending: str, progress: bool) -> dict[str, str]:
+    """Write every case of one source into ``out``; return {combined case id: tag}."""
+    from tqdm import tqdm
+
+    lut = _label_lookup(source, labels)
+    label_type = sitk.sitkUInt8 if len(labels) <= 256 else sitk.sitkUInt16
+    per_case = {}
+    written = {}
+    for case_id, files in tqdm(source.cases.items(), desc=source.tag, disable=not progress):
+        new_id = f"{source.tag}_{case_id}"
+        image = sitk.ReadImage(files["images"][0])
+        label = sitk.ReadImage(files["label"])
+        if image.GetNumberOfComponentsPerPixel() != 1:
+            raise ValueError(f"{source.name}: case {case_id} has vector pixels; combine needs scalar images")
+        if not same_geometry(image, label, tol=1e-3):
+            raise ValueError(f"{source.name}: case {case_id}: label geometry (size, spacing, origin, direction) "
+                             f"differs from the image's; fix the source dataset (nnUNetv2_plan_and_preprocess "
+                             f"--verify_dataset_integrity reports the same)")
+        pixels = sitk.GetArrayFromImage(image)
+        if normalisation["scheme"] == "zscore":
+            per_case[new_id] = {"mean": float(pixels.mean(dtype=np.float64)),
+                                "std": float(pixels.std(dtype=np.float64))}
+        out_image = sitk.GetImageFromArray(normalise_array(pixels, normalisation))
+        out_image.CopyInformation(image)
+
+        values = sitk.GetArrayFromImage(label)
+        present = np.unique(values)
+        undeclared = [v for v in present.tolist() if v != int(v) or not 0 <= v < len(lut) or lut[int(v)] < 0]
+        if undeclared:
+            raise ValueError(f"{source.name}: case {case_id} holds label values {undeclared} that its dataset.json "
+                             f"does not declare ({source.labels}); fix the labels or dataset.json")
+        out_label = sitk.GetImageFromArray(lut[values.astype(np.int64)])
+        out_label = sitk.Cast(out_label, label_type)
+        out_label.CopyInformation(image)     # nnU-Net wants one geometry per case, to the last digit
+
+        sitk.WriteImage(out_image, str(out / "imagesTr" / f"{new_id}_0000{file_ending}"), useCompression=True)
+        sitk.WriteImage(out_label, str(out / "labelsTr" / f"{new_id}{file_ending}"), useCompression=True)
+        written[new_id] = source.tag
+    if per_case:
+        normalisation["per_case"] = per_case
+    return written
+
+
+def _check_free(raw_root: Path, dataset_id: int, folder_name: str) -> None:
+    """The output folder must be new, and its id unused under any of nnU-Net's three folders."""
+    if (raw_root / folder_name).exists():
+        raise FileExistsError(f"{raw_root / folder_name} already exists; choose another id/name, or remove that "
+                              f"folder first if you mean to rebuild it")
+    roots = {raw_root, *(Path(os.environ[v]) for v in ("nnUNet_preprocessed", "nnUNet_results")
+                         if os.environ.get(v))}
+    clashes = sorted(str(p) for root in roots if root.is_dir() for p in root.glob(f"Dataset{dataset_id:03d}_*")
+                     if p.name != folder_name)
+    if clashes:
+        raise FileExistsError(f"dataset id {dataset_id} is already used by {clashes}; nnU-Net needs one name per "
+                              f"id, choose another id")
+
+
+def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
+                     modalities: Sequence[str] | None = None, raw_root: str | os.PathLike | None = None,
+                     progress: bool = False) -> Path:
+    """Build ``Dataset{new_id:03d}_{name}`` from single-channel datasets of different modalities.
+
+    Args:
+        datasets: two or more dataset ids or names (each with dataset.json, imagesTr, labelsTr in ``raw_root``).
+        new_id: id of the new dataset (1..999, unused).
+        name: name of the new dataset.
+        modalities: one modality tag per dataset (default: each dataset's channel name); tags must differ.
+        raw_root: folder holding the inputs and receiving the output (default: ``$nnUNet_raw``).
+        progress: show a progress bar per dataset.
+
+    Returns:
+        The new dataset's folder. Nothing is left behind if anything fails; inputs are only read.
+    """
+    root = resolve_raw_root(raw_root)
+    if len(datasets) < 2:
+        raise ValueError(f"give at least two datasets to combine, got {list(datasets)}")
+    if modalities is not None and len(modalities) != len(datasets):
+        raise ValueError(f"{len(modalities)} modalities for {len(datasets)} datasets; give one tag per dataset")
+    folder_name = dataset_folder_name(new_id, name)
+    folders = [_find_dataset(d, root) for d in datasets]
+    if len({f.resolve() for f in folders}) != len(folders):
+        raise ValueError(f"a dataset is given twice: {[f.name for f in folders]}")
+    sources = [_load_source(f, None if modalities is None else modalities[i]) for i, f in enumerate(folders)]
+    _check_tags(sources)
+    labels = _combined_labels(sources)
+    endings = {s.dataset_json["file_ending"] for s in sources}
+    file_ending = endings.pop() if len(endings) == 1 else ".nii.gz"
+    _check_free(root, int(new_id), folder_name)
+
+    tmp = root / f".{folder_name}.partial-{uuid.uuid4().hex[:8]}"    # hidden from nnU-Net until complete
+    try:
+        (tmp / "imagesTr").mkdir(parents=True)
+        (tmp / "labelsTr").mkdir()
+        case_modality, described = {}, {}
+        for s in sources:
+            normalisation = _ct_normalisation(s) if s.is_ct else {"scheme": "zscore"}
+            case_modality.update(_write_source(s, tmp, labels, normalisation, file_ending, progress))
+            described[s.tag] = {"dataset": s.name, "channel_name": s.channel_name, "labels": s.labels,
+                                "num_cases": len(s.cases), "normalisation": normalisation,
+                                **{k: s.dataset_json[k] for k in ("reference", "licence", "license")
+                                   if k in s.dataset_json}}
+        tags = {"modalities": [s.tag for s in sources], "case_modality": case_modality, "sources": described}
+        dataset_json = {
+            "name": name,
+            "description": "Combined from " + ", ".join(f"{s.name} ({s.tag})" for s in sources) +
+                           " by moe_nnunet combine; intensities normalised per modality",
+            "channel_names": {"0": NO_NORMALISATION},
+            "labels": labels,
+            "numTraining": len(case_modality),
+            "file_ending": file_ending,
+            MODALITY_KEY: tags,
+        }
+        (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
+        (tmp / TAG_FILE).write_text(json.dumps(tags, indent=2), encoding="utf-8")
+        tmp.rename(root / folder_name)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return root / folder_name
+
+
+# ----------------------------------------------------------------------------------------------------- reading tags
+
+
+def read_modality_tags(dataset_json: dict) -> dict | None:
+    """The ``"moe_nnunet"`` object of a combined dataset's dataset.json, or None for any other dataset."""
+    tags = dataset_json.get(MODALITY_KEY)
+    if tags is None:
+        return None
+    if not isinstance(tags, dict) or not tags.get("modalities"):
+        raise ValueError(f"dataset.json key {MODALITY_KEY!r} must hold {{'modalities': [...], ...}} as written by "
+                         f"moe_nnunet combine, got {tags!r}")
+    return tags
+
+
+def experts_from_dataset_json(dataset_json: dict) -> tuple[list[list[int]], list[str]]:
+    """Experts of the M4oE network for a dataset: ``(expert_channels, expert_names)``.
+
+    A combined dataset (``"moe_nnunet"`` key) gets one expert per modality tag, all reading channel 0; any other
+    dataset one expert per entry of ``channel_names``, named after it.
+    """
+    tags = read_modality_tags(dataset_json)
+    if tags is not None:
+        return [[0] for _ in tags["modalities"]], [str(t) for t in tags["modalities"]]
+    channels = dataset_json.get("channel_names", dataset_json.get("modality", {}))
+    keys = sorted(channels, key=int)
+    return [[int(k)] for k in keys], [str(channels[k]) for k in keys]

@@ -1,0 +1,295 @@
+"""Tests for `moe_nnunet combine`: real lung CT + brain MRI into one tagged dataset, refusals, experts per modality."""
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from moe_nnunet.cli import main
+from moe_nnunet.datasets.combine import (MODALITY_KEY, TAG_FILE, combine_datasets, experts_from_dataset_json,
+                                         read_modality_tags)
+from moe_nnunet.datasets.common import same_geometry, write_nnunet_dataset
+from conftest import NNUNetEnv
+from test_datasets import _ForkingMultiprocessing, check_integrity
+
+CT_ID, MRI_ID, LESION_ID, PHANTOM_ID = 971, 972, 973, 974
+NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+
+
+@pytest.fixture(autouse=True)
+def no_nnunet_folders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The caller's own nnU-Net folders must not take part (combine checks them for id clashes)."""
+    for var in NNUNET_VARS:
+        monkeypatch.delenv(var, raising=False)
+
+
+def read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha1(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def synthetic(raw: Path, dataset_id: int, name: str, channels: list[str], labels: dict[str, int],
+              num_cases: int = 2) -> Path:
+    """A small dataset: random intensities; label value v fills slab v (z) of the volume."""
+    rng = np.random.default_rng(dataset_id)
+    cases = []
+    for i in range(num_cases):
+        images = [sitk.GetImageFromArray(rng.normal(100 * (c + 1), 20, (4, 6, 6)).astype(np.float32))
+                  for c in range(len(channels))]
+        lab = np.zeros((4, 6, 6), np.uint8)
+        for v in labels.values():
+            lab[v] = v
+        label = sitk.GetImageFromArray(lab)
+        for img in (*images, label):
+            img.SetSpacing((0.8, 0.8, 2.5))
+            img.SetOrigin((10.0, -4.0, 3.0))
+        cases.append((f"{name}_{i:03d}", images, label))
+    return write_nnunet_dataset(raw, dataset_id, name, cases, channels, labels)
+
+
+# ----------------------------------------------------------------------------------------------------- real data
+
+
+@pytest.fixture(scope="module")
+def nnunet_env(tmp_path_factory: pytest.TempPathFactory) -> NNUNetEnv:
+    """nnU-Net folders of this module only: its fingerprints and plans must not leak into other tests."""
+    return NNUNetEnv(tmp_path_factory.mktemp("combine"))
+
+
+@pytest.fixture(scope="module")
+def sources(nnunet_env) -> tuple[Path, Path]:
+    """Small real lung CT and brain MRI lesion datasets (pyradiomics data in the default download cache)."""
+    from moe_nnunet.datasets import build_brain_mri, build_lung_ct, fetch_pyradiomics_data
+    try:
+        fetch_pyradiomics_data()
+    except (RuntimeError, OSError) as e:                          # no access to PyPI: nothing to test
+        pytest.skip(f"pyradiomics sdist not available: {e}")
+    return (build_lung_ct(nnunet_env.raw, CT_ID, num_cases=5, crop_size_zyx=(16, 48, 48)),
+            build_brain_mri(nnunet_env.raw, MRI_ID, num_cases=5, crop_size_zyx=(8, 48, 48)))
+
+
+@pytest.fixture(scope="module")
+def lesion(nnunet_env, sources) -> Path:
+    before = [digest(s) for s in sources]
+    with pytest.MonkeyPatch.context() as mp:
+        for var in NNUNET_VARS:
+            mp.delenv(var, raising=False)
+        folder = combine_datasets([str(CT_ID), sources[1].name], LESION_ID, "Lesion", raw_root=nnunet_env.raw)
+    assert [digest(s) for s in sources] == before, "inputs must never be modified"
+    return folder
+
+
+def test_combined_is_valid_nnunet_dataset(lesion: Path, capfd, monkeypatch) -> None:
+    check_integrity(lesion, capfd, monkeypatch)
+    ds = json.loads((lesion / "dataset.json").read_text())
+    assert ds["channel_names"] == {"0": "noNorm"}
+    assert ds["labels"] == {"background": 0, "lesion": 1}
+    assert ds["numTraining"] == 10 and ds["file_ending"] == ".nii.gz"
+    tags = read_modality_tags(ds)
+    assert tags == json.loads((lesion / TAG_FILE).read_text())
+    assert tags["modalities"] == ["CT", "MRI"]
+    assert tags["sources"]["CT"]["dataset"] == f"Dataset{CT_ID:03d}_LungCTLesion"
+    assert tags["sources"]["MRI"]["dataset"] == f"Dataset{MRI_ID:03d}_BrainMRILesion"
+    written = sorted(p.name[:-len("_0000.nii.gz")] for p in (lesion / "imagesTr").iterdir())
+    assert written == sorted(tags["case_modality"])
+    assert tags["case_modality"] == {c: c.split("_")[0] for c in written}
+    assert read_modality_tags({"channel_names": {"0": "CT"}}) is None
+
+
+def test_labels_and_geometry_preserved(lesion: Path, sources: tuple[Path, Path]) -> None:
+    tags = read_modality_tags(json.loads((lesion / "dataset.json").read_text()))
+    by_tag = dict(zip(tags["modalities"], sources))
+    for case_id, tag in tags["case_modality"].items():
+        src_id = case_id[len(tag) + 1:]
+        src_img = sitk.ReadImage(str(by_tag[tag] / "imagesTr" / f"{src_id}_0000.nii.gz"))
+        img = sitk.ReadImage(str(lesion / "imagesTr" / f"{case_id}_0000.nii.gz"))
+        lab = sitk.ReadImage(str(lesion / "labelsTr" / f"{case_id}.nii.gz"))
+        assert img.GetPixelID() == sitk.sitkFloat32
+        assert same_geometry(img, src_img, tol=1e-5) and same_geometry(lab, img, tol=0)
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(lab),
+                                      read(by_tag[tag] / "labelsTr" / f"{src_id}.nii.gz"))
+
+
+def test_intensities_normalised_per_modality(lesion: Path, sources: tuple[Path, Path]) -> None:
+    tags = read_modality_tags(json.loads((lesion / "dataset.json").read_text()))
+    ct = tags["sources"]["CT"]["normalisation"]
+    assert ct["scheme"] == "CT" and ct["percentile_00_5"] < ct["mean"] < ct["percentile_99_5"]
+    by_tag = dict(zip(tags["modalities"], sources))
+    raw_fg, fg = [], []          # foreground voxels per CT case
+    for case_id, tag in tags["case_modality"].items():
+        out = read(lesion / "imagesTr" / f"{case_id}_0000.nii.gz")
+        raw = read(by_tag[tag] / "imagesTr" / f"{case_id[len(tag) + 1:]}_0000.nii.gz").astype(np.float64)
+        if tag == "CT":        # nnU-Net's scheme with the dataset's stored statistics
+            expected = (np.clip(raw, ct["percentile_00_5"], ct["percentile_99_5"]) - ct["mean"]) / ct["std"]
+            np.testing.assert_allclose(out, expected, atol=1e-4)
+            mask = read(lesion / "labelsTr" / f"{case_id}.nii.gz") > 0
+            raw_fg.append(raw[mask])
+            fg.append(out[mask])
+        else:                  # z-score of each whole image
+            assert abs(out.mean()) < 1e-4 and abs(out.std() - 1) < 1e-4
+            stats = tags["sources"]["MRI"]["normalisation"]["per_case"][case_id]
+            np.testing.assert_allclose(stats["mean"], raw.mean(), rtol=1e-6)
+    # nnU-Net's statistics weigh every case equally (the same number of foreground samples from each), so the
+    # normalised foreground has mean 0 and std 1 over cases weighted equally, whatever the lesion sizes
+    raw_all = np.concatenate(raw_fg)
+    assert raw_all.min() <= ct["percentile_00_5"] < ct["percentile_99_5"] <= raw_all.max()
+    mean = np.mean([f.mean() for f in fg])
+    std = np.sqrt(np.mean([np.mean(f.astype(np.float64) ** 2) for f in fg]) - mean ** 2)
+    assert abs(mean) < 0.05 and abs(std - 1) < 0.05, (mean, std)
+
+
+def test_nnunet_keeps_tags_and_planner_makes_one_expert_per_modality(nnunet_env, lesion: Path,
+                                                                     monkeypatch) -> None:
+    plans = plan_in_process(nnunet_env, LESION_ID, monkeypatch)
+    copied = json.loads((nnunet_env.preprocessed / lesion.name / "dataset.json").read_text())
+    assert copied[MODALITY_KEY] == json.loads((lesion / TAG_FILE).read_text())
+    config = plans["configurations"]["3d_fullres"]
+    assert config["normalization_schemes"] == ["NoNormalization"]
+    kwargs = config["architecture"]["arch_kwargs"]
+    assert kwargs["expert_channels"] == [[0], [0]] and kwargs["expert_names"] == ["CT", "MRI"]
+    assert experts_from_dataset_json(copied) == ([[0], [0]], ["CT", "MRI"])
+
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+    arch = config["architecture"]
+    net = get_network_from_plans(arch["network_class_name"], arch["arch_kwargs"], arch["_kw_requires_import"],
+                                 input_channels=1, output_channels=2, deep_supervision=True)
+    assert net.expert_names == ["CT", "MRI"] and net.expert_channels == [[0], [0]]
+
+
+def test_planner_one_expert_per_channel_otherwise(nnunet_env, monkeypatch) -> None:
+    from moe_nnunet.datasets.phantom import build_phantom
+    build_phantom(nnunet_env.raw, PHANTOM_ID, name="Phantom", num_cases=3, shape=(24, 40, 40))
+    kwargs = plan_in_process(nnunet_env, PHANTOM_ID, monkeypatch)["configurations"]["3d_fullres"]["architecture"][
+        "arch_kwargs"]
+    assert kwargs["expert_channels"] == [[0], [1], [2]]
+    assert kwargs["expert_names"] == ["T1", "T2", "FLAIR"]
+
+
+def plan_in_process(nnunet_env, dataset_id: int, monkeypatch) -> dict:
+    """Integrity check and fingerprint (as `nnUNetv2_extract_fingerprint --verify_dataset_integrity`), then M4oE
+    plans, in this process with forked workers. The fingerprint samples 1e5 foreground intensities instead of
+    nnU-Net's 1e8 (which take 10-40 s here); the planner does not read them."""
+    from nnunetv2.experiment_planning import verify_dataset_integrity
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset)
+    from moe_nnunet.planners import M4oEPlanner
+
+    for var, folder in zip(NNUNET_VARS, (nnunet_env.raw, nnunet_env.preprocessed, nnunet_env.results)):
+        monkeypatch.setenv(var, str(folder))
+    if "fork" in multiprocessing.get_all_start_methods():
+        for module in (verify_dataset_integrity, fingerprint_extractor):
+            monkeypatch.setattr(module, "multiprocessing", _ForkingMultiprocessing())
+    class FewSamples(fingerprint_extractor.DatasetFingerprintExtractor):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = 1e5
+
+    extract_fingerprint_dataset(dataset_id, FewSamples, num_processes=1, check_dataset_integrity=True, clean=False,
+                                verbose=False, show_progress_bar=False)
+    _, plans_name = plan_experiment_dataset(dataset_id, M4oEPlanner)
+    folder = next(nnunet_env.preprocessed.glob(f"Dataset{dataset_id:03d}_*"))
+    return json.loads((folder / f"{plans_name}.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------- refusals
+
+
+LESION = {"background": 0, "lesion": 1}
+
+
+def test_labels_mapped_by_name(tmp_path: Path) -> None:
+    a = synthetic(tmp_path, 1, "A", ["CT"], {"background": 0, "lesion": 1, "vessel": 2})
+    b = synthetic(tmp_path, 2, "B", ["MRI"], {"background": 0, "vessel": 1, "lesion": 2})
+    folder = combine_datasets([1, 2], 3, "AB", raw_root=tmp_path)
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "lesion": 1,
+                                                                            "vessel": 2}
+    src, out = read(b / "labelsTr" / "B_000.nii.gz"), read(folder / "labelsTr" / "MRI_B_000.nii.gz")
+    np.testing.assert_array_equal(out, np.choose(src, [0, 2, 1]))
+    np.testing.assert_array_equal(read(folder / "labelsTr" / "CT_A_001.nii.gz"), read(a / "labelsTr" / "A_001.nii.gz"))
+
+
+def test_refusals(tmp_path: Path) -> None:
+    synthetic(tmp_path, 1, "LungCT", ["CT"], LESION)
+    synthetic(tmp_path, 2, "BrainTumour", ["MRI"], {"background": 0, "tumour": 1})
+    synthetic(tmp_path, 3, "TwoChannel", ["T1", "T2"], LESION)
+    synthetic(tmp_path, 4, "OtherCT", ["CT"], LESION)
+    synthetic(tmp_path, 5, "BrainMRI", ["MRI"], LESION)
+    cases = [
+        ([1, 2], None, r"LungCT lacks \['tumour'\].*BrainTumour lacks \['lesion'\].*[Rr]elabel.*drop the label"),
+        ([1, 3], None, r"Dataset003_TwoChannel has 2 channels.*single-channel.*one dataset per channel"),
+        ([1, 4], None, r"same modality tag 'CT'.*--modalities.*merge"),
+        ([1, 4], ["CT", "ct"], r"same modality tag"),
+        ([1, 5], ["CT"], r"1 modalities for 2 datasets"),
+        ([1, 99], None, r"cannot find dataset '99'|Dataset099_\S+ has no raw folder"),
+    ]
+    for datasets, tags, message in cases:
+        with pytest.raises(ValueError, match=message):
+            combine_datasets(datasets, 10, "Out", tags, raw_root=tmp_path)
+    assert not list(tmp_path.glob("*Out*")), "a refused combination must write nothing"
+    # two datasets of one modality are fine once tagged apart
+    tags = read_modality_tags(json.loads(
+        (combine_datasets([1, 4], 10, "Out", ["CT-a", "CT-b"], raw_root=tmp_path) / "dataset.json").read_text()))
+    assert tags["modalities"] == ["CT-a", "CT-b"]
+    before = digest(tmp_path / "Dataset010_Out")
+    for new_id, name, message in ((10, "Out", r"Dataset010_Out already exists; choose another id/name, or remove"),
+                                  (10, "Other", r"dataset id 10 is already used")):
+        with pytest.raises(FileExistsError, match=message):
+            combine_datasets([1, 5], new_id, name, raw_root=tmp_path)
+    assert digest(tmp_path / "Dataset010_Out") == before
+
+
+def test_region_labels_refused(tmp_path: Path) -> None:
+    folder = synthetic(tmp_path, 1, "Regions", ["CT"], LESION)
+    synthetic(tmp_path, 2, "Plain", ["MRI"], LESION)
+    ds = json.loads((folder / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, "whole": [1, 2], "core": 2}
+    ds["regions_class_order"] = [1, 2]
+    (folder / "dataset.json").write_text(json.dumps(ds))
+    with pytest.raises(ValueError, match=r"Dataset001_Regions uses region-based labels.*'whole': \[1, 2\]"):
+        combine_datasets([1, 2], 3, "Out", raw_root=tmp_path)
+
+
+def test_failure_midway_leaves_nothing(tmp_path: Path) -> None:
+    synthetic(tmp_path, 1, "Good", ["CT"], LESION)
+    bad = synthetic(tmp_path, 2, "Bad", ["MRI"], LESION)
+    label = sitk.ReadImage(str(bad / "labelsTr" / "Bad_001.nii.gz"))
+    values = sitk.GetArrayFromImage(label)
+    values[0, :2] = 3                                  # a value dataset.json does not declare, in the last case
+    fixed = sitk.GetImageFromArray(values)
+    fixed.CopyInformation(label)
+    sitk.WriteImage(fixed, str(bad / "labelsTr" / "Bad_001.nii.gz"))
+    before = digest(bad)
+    with pytest.raises(ValueError, match=r"Dataset002_Bad: case Bad_001 holds label values \[3\] that its "
+                                         r"dataset.json does not declare"):
+        combine_datasets([1, 2], 3, "Out", raw_root=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset001_Good", "Dataset002_Bad"]
+    assert digest(bad) == before
+
+
+def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    synthetic(tmp_path, 1, "LungCT", ["CT"], LESION)
+    synthetic(tmp_path, 2, "BrainMRI", ["MRI"], LESION)
+    synthetic(tmp_path, 3, "BrainTumour", ["MRI"], {"background": 0, "tumour": 1})
+    raw = ["--raw", str(tmp_path)]
+    assert main(["combine", "-d", "1", "2", "-o", "4", "--name", "Lesion", *raw]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "Dataset004_Lesion") in out and "moe_nnunet plan -d 4" in out
+    assert main(["combine", "-d", "1", "3", "-o", "5", "--name", "X", *raw]) == 1
+    assert capsys.readouterr().err.startswith("moe_nnunet combine: error: label names differ")
+    assert main(["combine", "-d", "1", "2", "-o", "4", "--name", "Lesion", *raw]) == 1
+    assert "already exists" in capsys.readouterr().err
+    assert main(["combine", "-d", "1", "2", "-o", "6", "--name", "Y", "--modalities", "CT", *raw]) == 2
+    assert "one tag per -d dataset" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["combine", "-d", "1", "2", "--name", "Y"])
+    assert e.value.code == 2
