@@ -91,7 +91,7 @@ def lesion(nnunet_env, sources) -> Path:
 def test_combined_is_valid_nnunet_dataset(lesion: Path, capfd, monkeypatch) -> None:
     check_integrity(lesion, capfd, monkeypatch)
     ds = json.loads((lesion / "dataset.json").read_text())
-    assert ds["channel_names"] == {"0": "noNorm"}
+    assert ds["channel_names"] == {"0": "zscore"}
     assert ds["labels"] == {"background": 0, "lesion": 1}
     assert ds["numTraining"] == 10 and ds["file_ending"] == ".nii.gz"
     tags = read_modality_tags(ds)
@@ -99,13 +99,14 @@ def test_combined_is_valid_nnunet_dataset(lesion: Path, capfd, monkeypatch) -> N
     assert tags["modalities"] == ["CT", "MRI"]
     assert tags["sources"]["CT"]["dataset"] == f"Dataset{CT_ID:03d}_LungCTLesion"
     assert tags["sources"]["MRI"]["dataset"] == f"Dataset{MRI_ID:03d}_BrainMRILesion"
+    assert {s["normalisation"] for s in tags["sources"].values()} == {"per-case z-score (nnU-Net zscore)"}
     written = sorted(p.name[:-len("_0000.nii.gz")] for p in (lesion / "imagesTr").iterdir())
     assert written == sorted(tags["case_modality"])
     assert tags["case_modality"] == {c: c.split("_")[0] for c in written}
     assert read_modality_tags({"channel_names": {"0": "CT"}}) is None
 
 
-def test_labels_and_geometry_preserved(lesion: Path, sources: tuple[Path, Path]) -> None:
+def test_images_unchanged_labels_and_geometry_preserved(lesion: Path, sources: tuple[Path, Path]) -> None:
     tags = read_modality_tags(json.loads((lesion / "dataset.json").read_text()))
     by_tag = dict(zip(tags["modalities"], sources))
     for case_id, tag in tags["case_modality"].items():
@@ -113,47 +114,49 @@ def test_labels_and_geometry_preserved(lesion: Path, sources: tuple[Path, Path])
         src_img = sitk.ReadImage(str(by_tag[tag] / "imagesTr" / f"{src_id}_0000.nii.gz"))
         img = sitk.ReadImage(str(lesion / "imagesTr" / f"{case_id}_0000.nii.gz"))
         lab = sitk.ReadImage(str(lesion / "labelsTr" / f"{case_id}.nii.gz"))
-        assert img.GetPixelID() == sitk.sitkFloat32
-        assert same_geometry(img, src_img, tol=1e-5) and same_geometry(lab, img, tol=0)
+        assert img.GetPixelID() == src_img.GetPixelID()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(img), sitk.GetArrayFromImage(src_img))
+        assert same_geometry(img, src_img, tol=0) and same_geometry(lab, img, tol=0)
         np.testing.assert_array_equal(sitk.GetArrayFromImage(lab),
                                       read(by_tag[tag] / "labelsTr" / f"{src_id}.nii.gz"))
 
 
-def test_intensities_normalised_per_modality(lesion: Path, sources: tuple[Path, Path]) -> None:
-    tags = read_modality_tags(json.loads((lesion / "dataset.json").read_text()))
-    ct = tags["sources"]["CT"]["normalisation"]
-    assert ct["scheme"] == "CT" and ct["percentile_00_5"] < ct["mean"] < ct["percentile_99_5"]
-    by_tag = dict(zip(tags["modalities"], sources))
-    raw_fg, fg = [], []          # foreground voxels per CT case
-    for case_id, tag in tags["case_modality"].items():
-        out = read(lesion / "imagesTr" / f"{case_id}_0000.nii.gz")
-        raw = read(by_tag[tag] / "imagesTr" / f"{case_id[len(tag) + 1:]}_0000.nii.gz").astype(np.float64)
-        if tag == "CT":        # nnU-Net's scheme with the dataset's stored statistics
-            expected = (np.clip(raw, ct["percentile_00_5"], ct["percentile_99_5"]) - ct["mean"]) / ct["std"]
-            np.testing.assert_allclose(out, expected, atol=1e-4)
-            mask = read(lesion / "labelsTr" / f"{case_id}.nii.gz") > 0
-            raw_fg.append(raw[mask])
-            fg.append(out[mask])
-        else:                  # z-score of each whole image
-            assert abs(out.mean()) < 1e-4 and abs(out.std() - 1) < 1e-4
-            stats = tags["sources"]["MRI"]["normalisation"]["per_case"][case_id]
-            np.testing.assert_allclose(stats["mean"], raw.mean(), rtol=1e-6)
-    # nnU-Net's statistics weigh every case equally (the same number of foreground samples from each), so the
-    # normalised foreground has mean 0 and std 1 over cases weighted equally, whatever the lesion sizes
-    raw_all = np.concatenate(raw_fg)
-    assert raw_all.min() <= ct["percentile_00_5"] < ct["percentile_99_5"] <= raw_all.max()
-    mean = np.mean([f.mean() for f in fg])
-    std = np.sqrt(np.mean([np.mean(f.astype(np.float64) ** 2) for f in fg]) - mean ** 2)
-    assert abs(mean) < 0.05 and abs(std - 1) < 0.05, (mean, std)
+@pytest.fixture(scope="module")
+def lesion_plans(nnunet_env, lesion: Path) -> dict:
+    with pytest.MonkeyPatch.context() as mp:
+        return plan_in_process(nnunet_env, LESION_ID, mp)
+
+
+def test_nnunet_zscores_each_case_without_its_tag(lesion: Path, lesion_plans: dict) -> None:
+    """nnU-Net's preprocessing, as nnUNetv2_predict runs it on a new image (no label, no tag), standardises a raw
+    CT and a raw MRI case by their own statistics: one model, raw images of either modality."""
+    from nnunetv2.preprocessing.preprocessors.default_preprocessor import DefaultPreprocessor
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    plans = PlansManager(lesion_plans)
+    config = plans.get_configuration("3d_fullres")
+    assert config.normalization_schemes == ["ZScoreNormalization"]
+    dataset_json = json.loads((lesion / "dataset.json").read_text())
+    case_modality = dataset_json.pop(MODALITY_KEY)["case_modality"]
+    raw_means = {}
+    for tag in ("CT", "MRI"):
+        case_id = next(c for c, t in case_modality.items() if t == tag)
+        image = lesion / "imagesTr" / f"{case_id}_0000.nii.gz"
+        raw_means[tag] = read(image).mean()
+        data, seg, _ = DefaultPreprocessor(verbose=False).run_case([str(image)], None, plans, config, dataset_json)
+        values = data[0][seg[0] >= 0] if config.use_mask_for_norm[0] else data[0]
+        # normalised before resampling to the plans' spacing, so close to, not exactly, 0 and 1
+        assert abs(values.mean()) < 0.1 and abs(values.std() - 1) < 0.1, (tag, values.mean(), values.std())
+    assert raw_means["CT"] < -100 < 100 < raw_means["MRI"], raw_means     # HU and MRI units, far apart raw
 
 
 def test_nnunet_keeps_tags_and_planner_makes_one_expert_per_modality(nnunet_env, lesion: Path,
-                                                                     monkeypatch) -> None:
-    plans = plan_in_process(nnunet_env, LESION_ID, monkeypatch)
+                                                                     lesion_plans: dict) -> None:
+    plans = lesion_plans
     copied = json.loads((nnunet_env.preprocessed / lesion.name / "dataset.json").read_text())
     assert copied[MODALITY_KEY] == json.loads((lesion / TAG_FILE).read_text())
     config = plans["configurations"]["3d_fullres"]
-    assert config["normalization_schemes"] == ["NoNormalization"]
+    assert config["normalization_schemes"] == ["ZScoreNormalization"]
     kwargs = config["architecture"]["arch_kwargs"]
     assert kwargs["expert_channels"] == [[0], [0]] and kwargs["expert_names"] == ["CT", "MRI"]
     assert experts_from_dataset_json(copied) == ([[0], [0]], ["CT", "MRI"])

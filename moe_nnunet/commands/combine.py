@@ -25,8 +25,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     tags = read_modality_tags(json.loads((folder / "dataset.json").read_text(encoding="utf-8")))
     for tag, source in tags["sources"].items():
-        print(f"  {tag}: {source['num_cases']} cases from {source['dataset']} "
-              f"({source['normalisation']['scheme']} normalisation)")
+        print(f"  {tag}: {source['num_cases']} cases from {source['dataset']}")
+    print("  intensities unchanged; channel 0 is 'zscore': nnU-Net standardises each case by its own mean and std, "
+          "in preprocessing and in nnUNetv2_predict, so prediction needs no modality tag")
     dataset_id = int(args.o)
     print(f"Written: {folder}\nNext:\n"
           f"  nnUNetv2_plan_and_preprocess -d {dataset_id} --verify_dataset_integrity -c 3d_fullres\n"
@@ -41,10 +42,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                                        "into one dataset with one expert per modality",
                        description="Write one raw nnU-Net v2 dataset from single-channel datasets of different "
                                    "modalities that annotate the same label names. Labels are mapped by name; "
-                                   "intensities are normalised per modality (CT: nnU-Net's dataset-level HU "
-                                   "scheme, others: per-case z-score) and the channel is declared noNorm; case ids "
-                                   "get the modality as prefix and the tags are stored in dataset.json and "
-                                   "modalities.json.")
+                                   "images keep their original intensities and the channel is declared zscore, "
+                                   "so nnU-Net normalises each case by its own mean and std and "
+                                   "nnUNetv2_predict needs no modality tag; case ids get the modality as prefix "
+                                   "and the tags are stored in dataset.json and modalities.json.")
     p.add_argument("-d", nargs="+", required=True, metavar="DATASET",
                    help="dataset ids or names, one per modality (each with one channel)")
     p.add_argument("-o", type=int, required=True, metavar="NEW_ID", help="id of the new dataset")

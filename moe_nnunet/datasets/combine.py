@@ -3,17 +3,18 @@
 This is M4oE's cross-dataset setting: a CT dataset and an MRI dataset that annotate the same structures become
 one nnU-Net dataset with one input channel, and the planner builds one expert per source modality. Each case
 keeps its modality as a tag (dataset.json key ``"moe_nnunet"``, also written to ``modalities.json``), so
-trainers know which expert a case belongs to.
+trainers know which expert a case belongs to during training. At inference no tag is needed: the gate routes
+from image content.
 
 * Labels are matched by name. Every dataset must declare the same label names: a dataset without a label
   would teach the network that the structure is background, so differing label sets are refused.
-* Intensities are normalised here, per modality, and the combined channel is declared ``noNorm`` so that
-  nnU-Net does not normalise again. CT (channel name "CT" in the source's dataset.json) gets nnU-Net's own
-  dataset-level scheme (clip to the 0.5 / 99.5 percentiles of foreground intensities, subtract their mean,
-  divide by their std); every other modality a per-case z-score over the whole image. The parameters are
-  recorded per source so that new images can be normalised the same way (:func:`normalise_array`).
-* Case ids get the modality tag as prefix (``CT_LungCTLesion_000``); images are written as float32 with
-  their original spacing, origin and direction.
+* Images keep their original intensities and pixel type (the file is copied, or rewritten by SimpleITK only to
+  change the file ending), and the combined channel is declared ``zscore``: nnU-Net normalises every case by its
+  own mean and std, in preprocessing and again in ``nnUNetv2_predict``. That is the one normalisation nnU-Net
+  can apply to a new image without knowing its modality, so a combined model predicts raw CT and MRI alike.
+  The cost: CT loses its absolute Hounsfield scale (nnU-Net's CT scheme would need the modality at inference).
+* Case ids get the modality tag as prefix (``CT_LungCTLesion_000``); labels are written with the image's
+  spacing, origin and direction.
 """
 from __future__ import annotations
 
@@ -24,24 +25,21 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import SimpleITK as sitk
 
 from moe_nnunet.datasets.common import dataset_folder_name, resolve_raw_root, same_geometry
 
-__all__ = ["MODALITY_KEY", "TAG_FILE", "NO_NORMALISATION", "combine_datasets", "read_modality_tags",
-           "experts_from_dataset_json", "normalise_array"]
+__all__ = ["MODALITY_KEY", "TAG_FILE", "NORMALISATION", "combine_datasets", "read_modality_tags",
+           "experts_from_dataset_json"]
 
 MODALITY_KEY = "moe_nnunet"
 TAG_FILE = "modalities.json"
-# nnU-Net's name for "leave intensities alone" (matched case-insensitively, see
+# channel name nnU-Net maps to ZScoreNormalization (per case, whatever the modality; see
 # nnunetv2/preprocessing/normalization/map_channel_name_to_normalization.py)
-NO_NORMALISATION = "noNorm"
-# foreground intensities sampled per CT dataset, spread evenly over its cases as nnU-Net's fingerprint does
-# (nnU-Net takes 1e8; 1e7 gives the same percentiles to well below 1 HU at a tenth of the time and memory)
-CT_FOREGROUND_SAMPLES = 10 ** 7
+NORMALISATION = "zscore"
 _SITK_ENDINGS = (".nii.gz", ".nii", ".nrrd", ".mha")
 _TAG_PATTERN = r"[A-Za-z0-9][A-Za-z0-9\-]*"
 
@@ -63,10 +61,6 @@ class _Source:
     @property
     def channel_name(self) -> str:
         return str(next(iter(self.dataset_json["channel_names"].values())))
-
-    @property
-    def is_ct(self) -> bool:
-        return self.channel_name.casefold() == "ct"
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -149,48 +143,6 @@ def _combined_labels(sources: Sequence[_Source]) -> dict[str, int]:
     return {"background": 0, **{name: i + 1 for i, name in enumerate(order)}}
 
 
-# ----------------------------------------------------------------------------------------------------- intensities
-
-
-def _ct_normalisation(source: _Source) -> dict[str, Any]:
-    """nnU-Net's dataset-level CT statistics: foreground (label > 0) intensities sampled evenly per case."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-
-    per_case = max(1, CT_FOREGROUND_SAMPLES // len(source.cases))
-    samples = []
-    for case_id, files in source.cases.items():
-        image = sitk.GetArrayFromImage(sitk.ReadImage(files["images"][0]))
-        label = sitk.GetArrayFromImage(sitk.ReadImage(files["label"]))
-        if image.shape != label.shape:
-            raise ValueError(f"{source.name}: case {case_id}: image {image.shape} and label {label.shape} differ "
-                             f"in shape; fix the source dataset")
-        picked, _ = DatasetFingerprintExtractor.collect_foreground_intensities(label[None], image[None],
-                                                                              num_samples=per_case)
-        samples.append(np.asarray(picked[0]))
-    fg = np.concatenate(samples)
-    if fg.size == 0:
-        raise ValueError(f"{source.name}: no foreground voxels in any label; CT normalisation needs them")
-    lo, hi = np.percentile(fg, (0.5, 99.5))
-    return {"scheme": "CT", "mean": float(np.mean(fg)), "std": float(np.std(fg)),
-            "percentile_00_5": float(lo), "percentile_99_5": float(hi),
-            "foreground_samples_per_case": int(per_case)}
-
-
-def normalise_array(array: np.ndarray, normalisation: dict[str, Any]) -> np.ndarray:
-    """Normalise one image (any shape) as :func:`combine_datasets` did for its source; returns float32.
-
-    ``normalisation`` is a source's ``"normalisation"`` entry of the tag file: CT uses the stored dataset-level
-    percentiles, mean and std (nnU-Net's ``CTNormalization``); ``"zscore"`` uses the image's own mean and std.
-    """
-    if normalisation["scheme"] == "CT":
-        from nnunetv2.preprocessing.normalization.default_normalization_schemes import CTNormalization
-        return CTNormalization(intensityproperties=normalisation).run(np.array(array, dtype=np.float32))
-    if normalisation["scheme"] != "zscore":
-        raise ValueError(f"unknown normalisation scheme {normalisation['scheme']!r}; expected 'CT' or 'zscore'")
-    values = np.asarray(array, dtype=np.float64)
-    return ((values - values.mean()) / max(values.std(), 1e-8)).astype(np.float32)
-
-
 # ----------------------------------------------------------------------------------------------------- writing
 
 
@@ -203,47 +155,50 @@ def _label_lookup(source: _Source, labels: dict[str, int]) -> np.ndarray:
     return lut
 
 
-def _write_source(source: _Source, out: Path, labels: dict[str, int], normalisation: dict[str, Any],
-                  file_ending: str, progress: bool) -> dict[str, str]:
+def _copy_image(source: _Source, case_id: str, target: Path) -> sitk.ImageFileReader:
+    """Copy a case's image unchanged to ``target``; return its header (size, spacing, origin, direction)."""
+    path = source.cases[case_id]["images"][0]
+    header = sitk.ImageFileReader()
+    header.SetFileName(path)
+    header.ReadImageInformation()
+    if header.GetNumberOfComponents() != 1:
+        raise ValueError(f"{source.name}: case {case_id} has vector pixels; combine needs scalar images")
+    if target.name.endswith(source.dataset_json["file_ending"]):
+        shutil.copyfile(path, target)
+    else:                               # another format: same pixels, pixel type and geometry
+        sitk.WriteImage(sitk.ReadImage(path), str(target), useCompression=True)
+    return header
+
+
+def _write_source(source: _Source, out: Path, labels: dict[str, int], file_ending: str,
+                  progress: bool) -> dict[str, str]:
     """Write every case of one source into ``out``; return {combined case id: tag}."""
     from tqdm import tqdm
 
     lut = _label_lookup(source, labels)
     label_type = sitk.sitkUInt8 if len(labels) <= 256 else sitk.sitkUInt16
-    per_case = {}
     written = {}
     for case_id, files in tqdm(source.cases.items(), desc=source.tag, disable=not progress):
         new_id = f"{source.tag}_{case_id}"
-        image = sitk.ReadImage(files["images"][0])
+        image = _copy_image(source, case_id, out / "imagesTr" / f"{new_id}_0000{file_ending}")
         label = sitk.ReadImage(files["label"])
-        if image.GetNumberOfComponentsPerPixel() != 1:
-            raise ValueError(f"{source.name}: case {case_id} has vector pixels; combine needs scalar images")
         if not same_geometry(image, label, tol=1e-3):
             raise ValueError(f"{source.name}: case {case_id}: label geometry (size, spacing, origin, direction) "
                              f"differs from the image's; fix the source dataset (nnUNetv2_plan_and_preprocess "
                              f"--verify_dataset_integrity reports the same)")
-        pixels = sitk.GetArrayFromImage(image)
-        if normalisation["scheme"] == "zscore":
-            per_case[new_id] = {"mean": float(pixels.mean(dtype=np.float64)),
-                                "std": float(pixels.std(dtype=np.float64))}
-        out_image = sitk.GetImageFromArray(normalise_array(pixels, normalisation))
-        out_image.CopyInformation(image)
-
         values = sitk.GetArrayFromImage(label)
         present = np.unique(values)
         undeclared = [v for v in present.tolist() if v != int(v) or not 0 <= v < len(lut) or lut[int(v)] < 0]
         if undeclared:
             raise ValueError(f"{source.name}: case {case_id} holds label values {undeclared} that its dataset.json "
                              f"does not declare ({source.labels}); fix the labels or dataset.json")
-        out_label = sitk.GetImageFromArray(lut[values.astype(np.int64)])
-        out_label = sitk.Cast(out_label, label_type)
-        out_label.CopyInformation(image)     # nnU-Net wants one geometry per case, to the last digit
-
-        sitk.WriteImage(out_image, str(out / "imagesTr" / f"{new_id}_0000{file_ending}"), useCompression=True)
+        out_label = sitk.Cast(sitk.GetImageFromArray(lut[values.astype(np.int64)]), label_type)
+        # nnU-Net wants one geometry per case, to the last digit: the image's
+        out_label.SetSpacing(image.GetSpacing())
+        out_label.SetOrigin(image.GetOrigin())
+        out_label.SetDirection(image.GetDirection())
         sitk.WriteImage(out_label, str(out / "labelsTr" / f"{new_id}{file_ending}"), useCompression=True)
         written[new_id] = source.tag
-    if per_case:
-        normalisation["per_case"] = per_case
     return written
 
 
@@ -299,18 +254,17 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
         (tmp / "labelsTr").mkdir()
         case_modality, described = {}, {}
         for s in sources:
-            normalisation = _ct_normalisation(s) if s.is_ct else {"scheme": "zscore"}
-            case_modality.update(_write_source(s, tmp, labels, normalisation, file_ending, progress))
+            case_modality.update(_write_source(s, tmp, labels, file_ending, progress))
             described[s.tag] = {"dataset": s.name, "channel_name": s.channel_name, "labels": s.labels,
-                                "num_cases": len(s.cases), "normalisation": normalisation,
+                                "num_cases": len(s.cases), "normalisation": "per-case z-score (nnU-Net zscore)",
                                 **{k: s.dataset_json[k] for k in ("reference", "licence", "license")
                                    if k in s.dataset_json}}
         tags = {"modalities": [s.tag for s in sources], "case_modality": case_modality, "sources": described}
         dataset_json = {
             "name": name,
             "description": "Combined from " + ", ".join(f"{s.name} ({s.tag})" for s in sources) +
-                           " by moe_nnunet combine; intensities normalised per modality",
-            "channel_names": {"0": NO_NORMALISATION},
+                           " by moe_nnunet combine; original intensities, z-scored per case by nnU-Net",
+            "channel_names": {"0": NORMALISATION},
             "labels": labels,
             "numTraining": len(case_modality),
             "file_ending": file_ending,
