@@ -10,6 +10,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 TINY_ID = 990
+PLANS = "nnUNetM4oEPlans"
+TRAINER = "nnUNetTrainerM4oE_debug"
 
 
 class NNUNetEnv:
@@ -45,3 +47,21 @@ def tiny_dataset(nnunet_env) -> Path:
     from moe_nnunet.datasets.phantom import build_phantom
     return build_phantom(nnunet_env.raw, TINY_ID, name="TinyPhantom", num_cases=10, shape=(24, 40, 40),
                          spacing=(2.0, 1.0, 1.0))
+
+
+@pytest.fixture(scope="session")
+def planned(nnunet_env, tiny_dataset):
+    """Stock fingerprint + nnU-Net plans + preprocessing, then our planner and preprocessing."""
+    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
+                   "--verify_dataset_integrity")
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
+    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
+    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
+    return nnunet_env.preprocessed / tiny_dataset.name
+
+
+@pytest.fixture(scope="session")
+def trained(nnunet_env, planned):
+    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
+                   "-device", "cpu", "--npz")
+    return nnunet_env.results / planned.name / f"{TRAINER}__{PLANS}__3d_fullres"

@@ -14,21 +14,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import TINY_ID
-
-PLANS = "nnUNetM4oEPlans"
-TRAINER = "nnUNetTrainerM4oE_debug"
-
-
-@pytest.fixture(scope="module")
-def planned(nnunet_env, tiny_dataset):
-    """Stock fingerprint + nnU-Net plans + preprocessing, then our planner and preprocessing."""
-    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
-                   "--verify_dataset_integrity")
-    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
-    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
-    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
-    return nnunet_env.preprocessed / tiny_dataset.name
+from conftest import PLANS, TINY_ID, TRAINER
 
 
 def test_plans_name_our_network_with_swin_valid_patch(planned):
@@ -60,13 +46,6 @@ def test_unknown_trainer_is_a_clear_error(nnunet_env, planned):
     out = nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", "nnUNetTrainerM4oE_nope",
                          "-p", PLANS, "-device", "cpu", check=False)
     assert out.returncode != 0 and "nnUNetTrainerM4oE_nope" in (out.stdout + out.stderr)
-
-
-@pytest.fixture(scope="module")
-def trained(nnunet_env, planned):
-    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
-                   "-device", "cpu", "--npz")
-    return nnunet_env.results / planned.name / f"{TRAINER}__{PLANS}__3d_fullres"
 
 
 def test_training_writes_checkpoint_and_validation(trained):

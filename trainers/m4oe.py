@@ -58,6 +58,11 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         self.warmup_epochs = 10
         self.curriculum_epochs = 50
         tags = dataset_json.get("moe_nnunet") or {}
+        if tags and self.configuration_manager.network_arch_class_name != M4OE_NETWORK_CLASS:
+            raise RuntimeError(
+                f"{self.plans_manager.dataset_name} combines datasets of different modalities (moe_nnunet "
+                f"combine), so it needs one expert per modality tag, which only M4oE plans hold: run `moe_nnunet "
+                f"plan -d {self.plans_manager.dataset_name}`, preprocess, and train with -p nnUNetM4oEPlans.")
         self.modality_names: list[str] = list(tags.get("modalities", []))
         self.case_modality: dict[str, str] = dict(tags.get("case_modality", {}))
         labels = None if self.label_manager.has_regions else \

@@ -14,7 +14,8 @@ from moe_nnunet.trainers.two_stage import nnUNetTrainerM4oEExperts, nnUNetTraine
 
 __all__ = ["nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerM4oE_debug",
            "nnUNetTrainerM4oE_demo", "nnUNetTrainerDemo", "nnUNetTrainerChannelDropout_demo",
-           "nnUNetTrainerChannelDropout_debug", "nnUNetTrainerM4oEExperts_debug", "nnUNetTrainerM4oEGate_debug"]
+           "nnUNetTrainerChannelDropout_debug", "nnUNetTrainerM4oEExperts_debug", "nnUNetTrainerM4oEGate_debug",
+           "nnUNetTrainerChannelDropout_100epochs", "nnUNetTrainerM4oEExperts_demo", "nnUNetTrainerM4oEGate_demo"]
 
 # the CPU demo trains both models for the same number of iterations
 DEMO_SCHEDULE = {"num_epochs": 8, "num_iterations_per_epoch": 15, "num_val_iterations_per_epoch": 3}
@@ -87,3 +88,18 @@ class nnUNetTrainerDemo(_Scheduled, nnUNetTrainer):
 class nnUNetTrainerChannelDropout_demo(_Scheduled, nnUNetTrainerChannelDropout):
     """nnU-Net's network with modality dropout on the CPU demo's schedule (the missing-modality baseline)."""
     SCHEDULE = DEMO_SCHEDULE
+
+
+class nnUNetTrainerChannelDropout_100epochs(_Scheduled, nnUNetTrainerChannelDropout):
+    """100 epochs, as nnU-Net's `nnUNetTrainer_100epochs` (the GPU comparison's schedule)."""
+    SCHEDULE = {"num_epochs": 100}
+
+
+class nnUNetTrainerM4oEExperts_demo(_Scheduled, nnUNetTrainerM4oEExperts):
+    """Stage 1 on the CPU demo's schedule."""
+    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1}
+
+
+class nnUNetTrainerM4oEGate_demo(_Scheduled, nnUNetTrainerM4oEGate):
+    """Stage 2 on the CPU demo's schedule (experts frozen for 4 epochs, then fine-tuned)."""
+    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1}
