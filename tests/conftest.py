@@ -24,12 +24,17 @@ class NNUNetEnv:
         from moe_nnunet.discovery import ext_trainer_dir
         self.env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                         nnUNet_results=str(self.results), nnUNet_extTrainer=str(ext_trainer_dir()),
-                        nnUNet_n_proc_DA="2", nnUNet_def_n_proc="2", OMP_NUM_THREADS="2")
+                        nnUNet_n_proc_DA="2", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
 
     def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
         """Run a console script of this environment (nnUNetv2_*, moe_nnunet) and capture its output."""
         exe = BIN / cmd[0]
-        proc = subprocess.run([str(exe), *cmd[1:]], env=self.env, capture_output=True, text=True, timeout=timeout)
+        env = self.env
+        if cmd[0] == "nnUNetv2_train":
+            # tiny runs: data augmentation in the training process instead of spawning workers (nnU-Net's planner
+            # cannot take 0 here, it sets torch's thread count from it)
+            env = {**env, "nnUNet_n_proc_DA": "0"}
+        proc = subprocess.run([str(exe), *cmd[1:]], env=env, capture_output=True, text=True, timeout=timeout)
         if check and proc.returncode != 0:
             raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\nSTDOUT:\n{proc.stdout[-4000:]}\n"
                                  f"STDERR:\n{proc.stderr[-4000:]}")

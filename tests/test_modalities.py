@@ -198,3 +198,19 @@ def test_two_stage_training_chains_through_pretrained_weights(nnunet_env, planne
     key = next(k for k in first if k.startswith("encoder.experts.0.") and k.endswith("weight"))
     assert not torch.equal(first[key], second[key]), "experts were not fine-tuned in the second part"
     assert (gate / "validation" / "summary.json").is_file()
+
+
+def test_gate_statistics_average_per_label_and_per_case_modality():
+    from moe_nnunet.gate_stats import GateStatistics
+    stats = GateStatistics(["CT", "MRI"], {0: "background", 1: "lesion"}, ["CT", "MRI"])
+    weights = torch.zeros(2, 2, 1, 2, 2)
+    weights[0, 0], weights[0, 1] = 1.0, 0.0          # case 0 (a CT case): all on the CT expert
+    weights[1, 0], weights[1, 1] = 0.25, 0.75        # case 1 (an MRI case)
+    target = torch.zeros(2, 1, 1, 2, 2, dtype=torch.long)
+    target[0, 0, 0, 0, 0] = 1                        # one lesion voxel in each case
+    target[1, 0, 0, 0, 0] = 1
+    stats.update([weights.mean((0, 2, 3, 4))], weights, target, torch.tensor([0, 1]))
+    summary = stats.summary()
+    assert summary["per_modality"] == {"CT": [1.0, 0.0], "MRI": [0.25, 0.75]}
+    assert summary["per_label"]["lesion"] == [0.625, 0.375]
+    assert summary["mean"] == [0.625, 0.375]
