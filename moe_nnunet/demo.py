@@ -139,5 +139,9 @@ def run_demo(output: Path, device: str = "cpu", fresh: bool = False) -> dict:
     lines += ["", "Dice from nnU-Net's own evaluation. Step times (s): " + json.dumps(pipe.timings)]
     (output / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    print(f"[demo] wrote {output / 'summary.json'} and {output / 'report.md'}")
+    report = output / "report"
+    pipe.step("HTML report", (report / "report.html").is_file(), "moe_nnunet", "report",
+              str(pipe.model_folder(m4oe, PLANS)), "--baseline", str(pipe.model_folder(baseline, "nnUNetPlans")),
+              "-o", str(report))
+    print(f"[demo] wrote {output / 'summary.json'}, {output / 'report.md'} and {report / 'report.html'}")
     return summary
