@@ -64,10 +64,11 @@ class MoETrainingLoss(nn.Module):
         for e, logits in enumerate(expert_logits):
             if self.expert_mask is None:
                 losses.append(self.expert_loss(logits, target))
-            else:
-                rows = self.expert_mask[:, e].to(logits.device)
-                if bool(rows.any()):
-                    losses.append(self.expert_loss(logits[rows], target[rows]))
+                continue
+            rows = torch.nonzero(self.expert_mask[:, e].cpu()).flatten()  # on the host: no device sync
+            if rows.numel():
+                rows = rows.to(logits.device)
+                losses.append(self.expert_loss(logits.index_select(0, rows), target.index_select(0, rows)))
         if not losses:
             return torch.zeros((), device=target.device)
         return sum(losses) / len(losses)

@@ -2,8 +2,8 @@
 from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
 from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
 from moe_nnunet.trainers.two_stage import nnUNetTrainerM4oEExperts, nnUNetTrainerM4oEGate
-from moe_nnunet.trainers.variants import (nnUNetTrainerChannelDropout_100epochs, nnUNetTrainerChannelDropout_debug, nnUNetTrainerChannelDropout_demo,
-                                          nnUNetTrainerDemo, nnUNetTrainerM4oE_5epochs, nnUNetTrainerM4oE_100epochs,
+from moe_nnunet.trainers.variants import (nnUNetTrainerChannelDropout_100epochs, nnUNetTrainerChannelDropout_debug,
+                                          nnUNetTrainerChannelDropout_demo, nnUNetTrainerDemo, nnUNetTrainerM4oE_5epochs, nnUNetTrainerM4oE_100epochs,
                                           nnUNetTrainerM4oE_debug, nnUNetTrainerM4oE_demo,
                                           nnUNetTrainerM4oEExperts_debug, nnUNetTrainerM4oEExperts_demo,
                                           nnUNetTrainerM4oEGate_debug, nnUNetTrainerM4oEGate_demo)

@@ -5,7 +5,6 @@ import os
 from contextlib import contextmanager
 from typing import Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper

@@ -120,7 +120,7 @@ class ExpertGate(nn.Module):
                              + self.z_loss_weight * router_z_loss(logits))
         else:
             self.aux_loss = torch.zeros((), device=x.device)
-        self.mean_weights = weights.detach().movedim(1, -1).reshape(-1, self.num_experts).mean(0)
+        self.mean_weights = weights.detach().mean(dim=[0, *range(2, weights.ndim)])  # (E,), no copy
         self.weights = weights.detach() if self.keep_weights else None
         w = weights.to(features[0].dtype)
         fused = w[:, 0:1] * features[0]
