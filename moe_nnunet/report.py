@@ -19,7 +19,7 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["make_report", "load_model"]
+__all__ = ["make_report", "load_model", "missing_modality_html", "write_demo_overview"]
 
 CHECKPOINTS = ("checkpoint_final.pth", "checkpoint_latest.pth", "checkpoint_best.pth")
 MAX_OVERLAY_CASES = 3
@@ -230,13 +230,14 @@ def _titles(models: list[Model]) -> None:
 
 
 def make_report(results_folder: str | os.PathLike, output: str | os.PathLike | None = None,
-                baselines: Sequence[str | os.PathLike] = ()) -> Path:
+                baselines: Sequence[str | os.PathLike] = (), robustness: str | os.PathLike | None = None) -> Path:
     """Write report.html, its PNGs and summary.json for a trained model folder; returns the path of report.html.
 
     Args:
         results_folder: `$nnUNet_results/DatasetXXX_Name/<Trainer>__<Plans>__<configuration>`.
         output: output folder (default `results_folder/report`).
         baselines: model folders of the same dataset to compare with.
+        robustness: a `robustness.json` of `moe_nnunet robustness` for these models: adds the missing-modality table.
     """
     model = load_model(results_folder)
     others = [load_model(b) for b in baselines]
@@ -259,10 +260,23 @@ def make_report(results_folder: str | os.PathLike, output: str | os.PathLike | N
                "baselines": {b.title: _without_paths(stats[b.title]) for b in others},
                "gate": _gate_json(gate), "training": training, "versions": versions(),
                "date": datetime.datetime.now().isoformat(timespec="seconds")}
+    if robustness is not None:
+        summary["missing_modality"] = _read_robustness(Path(robustness), model)
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     page = out / "report.html"
     page.write_text(_render_html(model, others, summary, figures), encoding="utf-8")
     return page
+
+
+def _read_robustness(path: Path, model: Model) -> dict:
+    """The missing-modality results of `moe_nnunet robustness` (robustness.json) for a model's dataset."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run `moe_nnunet robustness -d ... -o FOLDER` first and give "
+                                f"FOLDER/robustness.json")
+    report = json.loads(path.read_text())
+    if report.get("dataset") != model.dataset:
+        raise ValueError(f"{path} is for {report.get('dataset')}, the model for {model.dataset}")
+    return {"fold": report["fold"], "held_out_cases": report["held_out_cases"], "results": report["results"]}
 
 
 def _names(m: Model) -> dict:
@@ -537,7 +551,7 @@ td:first-child,th:first-child{text-align:left} tr.total td{border-top:2px solid 
 .how{color:#555;font-size:.93em;max-width:52em} .note{background:#fff8e0;border-left:3px solid #e0b000;padding:.4em .8em}
 img{max-width:100%;height:auto} figure{margin:1em 0} small{color:#666;font-weight:normal}
 .progress{display:flex;flex-wrap:wrap;gap:1.5em} .progress figure{width:min(100%,520px);margin:0}
-details{margin:.8em 0} .wide{overflow-x:auto} summary{cursor:pointer;color:#245}
+details{margin:.8em 0} .wide{overflow-x:auto} summary{cursor:pointer;color:#245} td.lab{text-align:left}
 """
 # lets a browser check (and a reader's devtools) tell whether every image loaded
 IMAGE_CHECK = """<script>
@@ -565,6 +579,10 @@ def _img(src: str, alt: str, how: str) -> str:
 
 def _render_html(model: Model, others: list[Model], summary: dict, figures: dict) -> str:
     parts = [_header_html(model, summary), _dice_html(model, others, summary), _cases_html(model, others, summary)]
+    if summary.get("missing_modality"):
+        mm = summary["missing_modality"]
+        parts.append("<h2>A modality missing</h2>\n" + missing_modality_html(mm["results"], len(mm["held_out_cases"]),
+                                                                            mm["fold"]))
     if summary["gate"]:
         parts.append(_gate_html(summary, figures))
     if "overlays" in figures:
@@ -656,6 +674,33 @@ def _cases_html(model: Model, others: list[Model], summary: dict) -> str:
             "reference nor the prediction of that case (nnU-Net leaves Dice undefined).</p></details>")
 
 
+def missing_modality_html(results: dict, num_cases: int, fold: int) -> str:
+    """Table of `moe_nnunet robustness` results, {model: {condition: {"labels", "mean", "how"}}}: one row per
+    condition and label, one column per model, the best per row in bold."""
+    models = list(results)
+    conditions = list(results[models[0]])
+    labels = list(results[models[0]][conditions[0]]["labels"])
+    head = "".join(f"<th>{_e(m)}</th>" for m in models)
+    body = []
+    for condition in conditions:
+        how = "; ".join(sorted({f"{m}: {results[m][condition]['how']}" for m in models
+                                if results[m][condition]["how"] != "complete"}))
+        title = f'<td rowspan="{len(labels) + 1}" title="{_e(how)}"><b>{_e(condition)}</b></td>'
+        for i, label in enumerate(labels + ["mean"]):
+            values = [results[m][condition]["mean" if label == "mean" else "labels"] for m in models]
+            values = [v if label == "mean" else v.get(label) for v in values]
+            cls = ' class="total"' if label == "mean" else ""
+            body.append(f"<tr{cls}>{title if i == 0 else ''}<td class=\"lab\">{_e(label)}</td>"
+                        f"{''.join(_bold_best([(v, _fmt(v)) for v in values]))}</tr>")
+    how = (f"Dice on the {num_cases} held-out cases of fold {fold}, predicted with the full input and with each "
+           "modality removed in turn (<code>moe_nnunet robustness</code>, nnU-Net's own evaluation). M4oE models "
+           "mask the missing modality's expert; nnU-Net's network gets the channel zero-filled after normalisation "
+           "(trained for that with modality dropout, or not). A label seen only in the removed modality cannot be "
+           "found by any model: compare the models per row. Bold: the best model in each row.")
+    return (f'<table><tr><th>input</th><th>label</th>{head}</tr>\n' + "\n".join(body)
+            + f'</table>\n<p class="how">{how}</p>')
+
+
 def _gate_html(summary: dict, figures: dict) -> str:
     gate, parts = summary["gate"], ["<h2>Gate: which expert the model trusts</h2>"]
     experts = ", ".join(gate["experts"])
@@ -700,3 +745,66 @@ def _progress_html(figures: dict) -> str:
             "(click to enlarge). Top: training loss (blue) and validation loss (red), with the pseudo Dice on the "
             "validation patches (green, dotted; solid: moving average). Middle: seconds per epoch. Bottom: learning "
             f'rate.</p>\n<div class="progress">{items}</div>')
+
+
+# ---------------------------------------------------------------------------------------------------- demo page
+
+def write_demo_overview(summary: dict, path: str | os.PathLike) -> Path:
+    """The demo's report.html: per setting the Dice table (and the missing-modality table), a link to the setting's
+    detailed report, step timings and versions. `summary` is the demo's summary.json."""
+    path = Path(path)
+    trainers = summary["schedule"]["trainers"]
+    minutes = summary["run_seconds"] / 60
+    parts = ["<h1>moe_nnunet demo <small>· M4oE against nnU-Net's own network</small></h1>",
+             f"<p>Device <b>{_e(summary['device'])}</b>, mode <b>{_e(summary['mode'])}</b>: every model trained "
+             f"{summary['schedule']['epochs']} epochs on fold 0 of its dataset with the same schedule "
+             f"({', '.join(f'{_e(r)}: <code>{_e(t)}</code>' for r, t in trainers.items())}) and evaluated on the "
+             f"fold's held-out cases with nnU-Net's own evaluation. This run took {minutes:.1f} min; written "
+             f"{_e(summary['date'])}; {_e(', '.join(f'{k} {v}' for k, v in summary['versions'].items()))}.</p>"]
+    if summary.get("note"):
+        parts.append(f'<p class="note">{_e(summary["note"])}</p>')
+    for key, reason in summary.get("skipped", {}).items():
+        parts.append(f'<p class="note">Setting {_e(key)} skipped: {_e(reason)}</p>')
+    for key, r in summary["settings"].items():
+        parts.append(_demo_setting_html(r))
+    rows = "".join(f"<tr><td>{_e(k)}</td><td>{v:.0f}</td></tr>" for k, v in summary["step_seconds"].items())
+    parts.append("<details><summary>Time per step (seconds)</summary><table><tr><th>step</th><th>s</th></tr>"
+                 f"{rows}</table><p class=\"how\">Steps reused from an earlier run keep their first time.</p></details>")
+    path.write_text('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>moe_nnunet demo</title>'
+                    f"<style>{STYLE}</style>\n{IMAGE_CHECK}</head>\n<body>\n" + "\n".join(parts)
+                    + "\n</body></html>\n", encoding="utf-8")
+    return path
+
+
+def _demo_setting_html(r: dict) -> str:
+    roles = list(r["models"])
+    parts = [f"<h2>{_e(r['title'])}</h2>",
+             f"<p>{_e(r['dataset'])}, channels {_e(', '.join(r['channels']))}. Data: {_e(r['data'])}.</p>"]
+    head = "".join(f"<th>{_e(role)}<br><small>{_e(r['models'][role]['trainer'])}</small></th>" for role in roles)
+    body = []
+    for name in r["labels"]:
+        cells = [r["models"][role]["validation"]["labels"].get(name) for role in roles]
+        body.append(f"<tr><td>{_e(name)}</td>{''.join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>")
+    cells = [r["models"][role]["validation"]["mean"] for role in roles]
+    body.append(f'<tr class="total"><td>mean (foreground)</td>{"".join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>')
+    modalities = sorted({g for role in roles for g in r["models"][role]["validation"].get("per_modality_mean", {})})
+    for g in modalities:
+        n = sum(1 for c in r.get("modalities", {}).values() if c == g)
+        cells = [r["models"][role]["validation"].get("per_modality_mean", {}).get(g) for role in roles]
+        body.append(f"<tr><td>mean over the {n} {_e(g)} cases</td>"
+                    f"{''.join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>")
+    parts.append(f"<table><tr><th>Dice</th>{head}</tr>\n" + "\n".join(body) + "</table>")
+    how = (f"Dice on the {len(r['held_out_cases'])} held-out cases of fold 0 ({_e(', '.join(r['held_out_cases']))}), "
+           "from nnU-Net's validation of each model (<code>fold_0/validation/summary.json</code>); bold: the better "
+           "model per row.")
+    stock = r["models"].get("M4oE", {}).get("nnUNetv2_predict")
+    if stock:
+        how += (f" The same cases predicted with stock <code>nnUNetv2_predict</code> from the M4oE model folder, "
+                f"without telling it any case's modality: mean Dice {stock['mean']:.3f}.")
+    parts.append(f'<p class="how">{how}</p>')
+    if r.get("missing_modality"):
+        parts.append("<h3>With a modality missing</h3>")
+        parts.append(missing_modality_html(r["missing_modality"], len(r["held_out_cases"]), 0))
+    parts.append(f'<p><a href="{_e(r["report"])}">Detailed report</a>: Dice per case, gate weights per expert, '
+                 "label and case, example segmentations, training curves.</p>")
+    return "\n".join(parts)

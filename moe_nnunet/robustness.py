@@ -74,7 +74,7 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
             summary = compute_metrics_on_folder(str(refs), str(pred), str(pred / "summary.json"),
                                                 predictor.plans_manager.image_reader_writer_class(), ending,
                                                 predictor.label_manager.foreground_labels,
-                                                num_processes=num_processes)
+                                                num_processes=max(num_processes, 1))
             per_label = {k: round(float(summary["mean"][v]["Dice"]), 4) for k, v in labels.items()}
             how = "complete" if not missing else ("experts masked" if mode == "mask" else
                                                   "zero-filled" + (" (trained for it)" if mode else ""))

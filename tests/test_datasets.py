@@ -85,8 +85,9 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / max(a.sum() + b.sum(), 1))
 
 
-def assert_same_physical_voxels(cropped: sitk.Image, source: sitk.Image, start_zyx, rng, n: int = 50) -> None:
-    """Voxel i of ``cropped`` is voxel start+i of ``source``: same physical point and same value."""
+def assert_same_physical_voxels(cropped: sitk.Image, source: sitk.Image, start_zyx, rng, n: int = 50,
+                                compare_values: bool = True) -> None:
+    """Voxel i of ``cropped`` is voxel start+i of ``source``: same physical point (and same value)."""
     size = cropped.GetSize()
     for _ in range(n):
         idx = [int(rng.integers(0, s)) for s in size]
@@ -94,7 +95,7 @@ def assert_same_physical_voxels(cropped: sitk.Image, source: sitk.Image, start_z
         p = cropped.TransformIndexToPhysicalPoint(idx)
         np.testing.assert_allclose(p, source.TransformIndexToPhysicalPoint(src_idx), atol=1e-4)  # NIfTI: float32
         assert source.TransformPhysicalPointToIndex(p) == tuple(src_idx)
-        assert cropped[idx] == source[src_idx]
+        assert not compare_values or cropped[idx] == source[src_idx]
     assert np.allclose(cropped.GetSpacing(), source.GetSpacing())
     assert np.allclose(cropped.GetDirection(), source.GetDirection())
 
@@ -244,6 +245,31 @@ def test_icbm_tissue(tmp_path: Path, capfd, monkeypatch) -> None:
         assert_same_physical_voxels(lab, label, box["start_zyx"], rng)
         shapes.add(img.GetSize())
     assert len(shapes) > 1                                                      # crop sizes vary
+
+
+def test_icbm_flair_lesions(tmp_path: Path, capfd, monkeypatch) -> None:
+    """T1 real (the template's voxels), lesions visible in the simulated FLAIR only, valid for nnU-Net."""
+    pytest.importorskip("nilearn")
+    from moe_nnunet.datasets.icbm_flair import build_icbm_flair_lesions
+    from moe_nnunet.datasets.nilearn_tissue import icbm_maps
+
+    folder = build_icbm_flair_lesions(tmp_path, 906, num_cases=4)
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["channel_names"] == {"0": "T1", "1": "FLAIR"} and ds["numTraining"] == 4
+    assert declared_labels_only(folder) == {0, 1, 2, 3}
+    check_integrity(folder, capfd, monkeypatch)
+    t1_template, _ = icbm_maps(4.0)
+    rng = np.random.default_rng(0)
+    for case_id, box in ds["case_crops"].items():
+        (t1, flair), label = case_arrays(folder, case_id, 2)
+        img = sitk.ReadImage(str(folder / "imagesTr" / f"{case_id}_0000.nii.gz"))
+        assert np.allclose(img.GetSpacing(), (4.0, 4.0, 4.0))
+        assert_same_physical_voxels(img, t1_template, box["start_zyx"], rng, compare_values=False)
+        lesion, wm = label == 3, label == 2
+        assert lesion.sum() == box["lesion_voxels"] >= 20
+        assert best_threshold_dice(flair, lesion) > 0.6, case_id           # FLAIR: bright lesions
+        assert best_threshold_dice(t1, lesion) < 0.2, case_id              # T1: lesions look like white matter
+        assert abs(t1[lesion].mean() / t1[wm].mean() - 1) < 0.1
 
 
 # ----------------------------------------------------------------------------------------------------- pyradiomics

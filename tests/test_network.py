@@ -94,6 +94,37 @@ def test_gate_weights_sum_to_one_and_respect_mask():
     assert (weights[0, 1] == 0).all() and (weights[1, :2] == 0).all() and (weights[1, 2] == 1).all()
 
 
+def test_routing_loss_teaches_the_gate_each_samples_expert():
+    """Two modalities whose features differ in content: with the routing loss alone the gate learns to give
+    each sample's tokens to the expert of its tag, and it then routes by content, with no tag (eval)."""
+    torch.manual_seed(0)
+    gate = ExpertGate(2, 2, nn.Conv3d, hidden=8)
+    gate.reset_router()
+    x = torch.randn(4, 1, 3, 4, 4)
+    x[:2] += 2.0                                                  # samples 0, 1 look different (e.g. CT)
+    features = [torch.cat([x, x], 1), torch.cat([x, -x], 1)]      # what each expert makes of them
+    target = torch.tensor([0, 0, 1, 1])
+    opt = torch.optim.Adam(gate.parameters(), lr=0.05)
+    gate.train()
+    gate.route_weight = 1.0
+    for _ in range(200):
+        gate.route_target = target
+        gate(features)
+        opt.zero_grad()
+        gate.aux_loss.backward()
+        opt.step()
+    gate.route_target = None
+    gate.eval()
+    gate.keep_weights = True
+    gate(features)
+    per_sample = gate.weights.mean(dim=(2, 3, 4))                 # (B, E)
+    assert (per_sample[torch.arange(4), target] > 0.7).all(), per_sample        # even split: 0.5
+    gate.train()
+    gate.route_target = torch.tensor([-1, -1, -1, -1])            # no sample with a tag: no routing loss
+    gate(features)
+    assert gate.aux_loss.item() < 0.1
+
+
 def test_top_k_keeps_k_experts():
     torch.manual_seed(0)
     gate = ExpertGate(4, 4, nn.Conv2d, hidden=8, top_k=2)

@@ -42,6 +42,9 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         experts masked before the gate's softmax, so the model predicts with modalities missing
         (`moe_nnunet predict`). An expert's own loss uses only the samples whose modality it saw (and, for
         datasets combined across modalities by `moe_nnunet combine`, only the cases of its modality);
+      * datasets combined across modalities (`moe_nnunet combine`): a routing loss (`routing_loss_weight`
+        0.1) teaches every gate to give each case's tokens to the expert of its modality tag, so the gate
+        recognises the modality from the image at inference (`ExpertGate`);
       * gate statistics: each epoch's mean gate weight per expert (per scale, per label, per case modality)
         goes to the log and to `gate_weights.png` beside `progress.png`; validation writes each case's mean
         gate weights to `gate_weights_validation.json` in the fold folder.
@@ -56,6 +59,7 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         self.weight_decay = 0.05
         self.warmup_epochs = 10
         self.curriculum_epochs = 50
+        self.routing_loss_weight = 0.1  # combined datasets: teach the gate each case's modality (ExpertGate)
         tags = dataset_json.get("moe_nnunet") or {}
         if tags and self.configuration_manager.network_arch_class_name != M4OE_NETWORK_CLASS:
             raise RuntimeError(
@@ -122,6 +126,14 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         names = self.moe_network.expert_names
         return torch.tensor([[self.case_modality[str(k)] == n for n in names] for k in keys], dtype=torch.bool)
 
+    def route_targets(self, keys) -> torch.Tensor | None:
+        """(B,) long: the expert of each case's modality tag, which the gate is taught to pick (datasets
+        combined across modalities); None for other datasets."""
+        own = self.own_modality(keys)
+        if own is None or self.routing_loss_weight <= 0:
+            return None
+        return torch.where(own.any(1), own.float().argmax(1), torch.full((len(keys),), -1))
+
     def experts_for_batch(self, keep: torch.Tensor, keys) -> tuple[torch.Tensor, torch.Tensor]:
         """`(present, responsible)`, both (B, E) bool: the experts the gate may use for each sample (their
         channels were kept), and the samples each expert's own loss learns from (present and, across
@@ -137,12 +149,18 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         present, self.loss.expert_mask = self.experts_for_batch(keep, keys)
         gates = net.encoder.gates
         gates[0].keep_weights = True
+        route = self.route_targets(keys)
+        for g in gates:
+            g.route_target = None if route is None else route.to(self.device, non_blocking=True)
+            g.route_weight = self.routing_loss_weight
         try:
             with net.experts_present(present.to(self.device, non_blocking=True)):
                 yield
         finally:
             gates[0].keep_weights = False
             self.loss.expert_mask = None
+            for g in gates:
+                g.route_target = None
         target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
         sample_modality = None
         if self.case_modality and self.modality_names:

@@ -1,7 +1,8 @@
 """Schedules of the M4oE trainer (for trying plans, tests, CI and the demo), and the demo's baseline.
 
 Each variant changes only its schedule, given as `SCHEDULE`: trainer attributes set after nnU-Net's own
-`__init__` (epochs, iterations per epoch, warm-up and curriculum epochs).
+`__init__` (epochs, iterations per epoch, warm-up and curriculum epochs). The `_debug` and `_demo` schedules
+validate without test-time mirroring, which costs 8x the time on a CPU.
 """
 from __future__ import annotations
 
@@ -12,13 +13,13 @@ from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
 from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
 from moe_nnunet.trainers.two_stage import nnUNetTrainerM4oEExperts, nnUNetTrainerM4oEGate
 
-__all__ = ["nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerM4oE_debug",
+__all__ = ["nnUNetTrainerDebug", "nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerM4oE_debug",
            "nnUNetTrainerM4oE_demo", "nnUNetTrainerDemo", "nnUNetTrainerChannelDropout_demo",
            "nnUNetTrainerChannelDropout_debug", "nnUNetTrainerM4oEExperts_debug", "nnUNetTrainerM4oEGate_debug",
            "nnUNetTrainerChannelDropout_100epochs", "nnUNetTrainerM4oEExperts_demo", "nnUNetTrainerM4oEGate_demo"]
 
 # the CPU demo trains both models for the same number of iterations
-DEMO_SCHEDULE = {"num_epochs": 8, "num_iterations_per_epoch": 15, "num_val_iterations_per_epoch": 3}
+DEMO_SCHEDULE = {"num_epochs": 6, "num_iterations_per_epoch": 10, "num_val_iterations_per_epoch": 1}
 
 
 class _Scheduled:
@@ -45,15 +46,29 @@ class nnUNetTrainerM4oE_100epochs(_Scheduled, nnUNetTrainerM4oE):
 DEBUG_SCHEDULE = {"num_epochs": 2, "num_iterations_per_epoch": 4, "num_val_iterations_per_epoch": 2}
 
 
-class _Debug(_Scheduled):
+class _NoTestTimeMirroring:
+    """Mixin: validate without test-time mirroring (training still mirrors). On a CPU, validation then runs
+    8x faster in 3D; the Dice is a little lower than with nnU-Net's default mirroring."""
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        self.inference_allowed_mirroring_axes = None
+        return configured
+
+
+class _Debug(_NoTestTimeMirroring, _Scheduled):
     """2 epochs of 4 training and 2 validation iterations, no test-time mirroring: checks on CPU that plans,
     data and code run."""
     SCHEDULE = DEBUG_SCHEDULE
 
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        configured = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        self.inference_allowed_mirroring_axes = None  # training still mirrors; validation runs 8x faster
-        return configured
+
+class _Demo(_NoTestTimeMirroring, _Scheduled):
+    """The CPU demo's schedule (`DEMO_SCHEDULE`), validated without test-time mirroring."""
+    SCHEDULE = DEMO_SCHEDULE
+
+
+class nnUNetTrainerDebug(_Debug, nnUNetTrainer):
+    """nnU-Net's own trainer and network on the `_Debug` schedule (the baseline of `moe_nnunet demo --quick`)."""
 
 
 class nnUNetTrainerM4oE_debug(_Debug, nnUNetTrainerM4oE):
@@ -75,19 +90,17 @@ class nnUNetTrainerM4oEGate_debug(_Debug, nnUNetTrainerM4oEGate):
     SCHEDULE = {**DEBUG_SCHEDULE, "warmup_epochs": 0}
 
 
-class nnUNetTrainerM4oE_demo(_Scheduled, nnUNetTrainerM4oE):
-    """The CPU demo's schedule: 8 epochs of 15 iterations, 1 warm-up epoch, expert curriculum over 2."""
-    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1, "curriculum_epochs": 2}
+class nnUNetTrainerM4oE_demo(_Demo, nnUNetTrainerM4oE):
+    """The CPU demo's schedule: 6 epochs of 10 iterations, 1 warm-up epoch, expert curriculum over the first."""
+    SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1, "curriculum_epochs": 1}
 
 
-class nnUNetTrainerDemo(_Scheduled, nnUNetTrainer):
+class nnUNetTrainerDemo(_Demo, nnUNetTrainer):
     """nnU-Net's own trainer and network on the CPU demo's schedule (the baseline M4oE is compared with)."""
-    SCHEDULE = DEMO_SCHEDULE
 
 
-class nnUNetTrainerChannelDropout_demo(_Scheduled, nnUNetTrainerChannelDropout):
+class nnUNetTrainerChannelDropout_demo(_Demo, nnUNetTrainerChannelDropout):
     """nnU-Net's network with modality dropout on the CPU demo's schedule (the missing-modality baseline)."""
-    SCHEDULE = DEMO_SCHEDULE
 
 
 class nnUNetTrainerChannelDropout_100epochs(_Scheduled, nnUNetTrainerChannelDropout):
@@ -95,11 +108,11 @@ class nnUNetTrainerChannelDropout_100epochs(_Scheduled, nnUNetTrainerChannelDrop
     SCHEDULE = {"num_epochs": 100}
 
 
-class nnUNetTrainerM4oEExperts_demo(_Scheduled, nnUNetTrainerM4oEExperts):
+class nnUNetTrainerM4oEExperts_demo(_Demo, nnUNetTrainerM4oEExperts):
     """Stage 1 on the CPU demo's schedule."""
     SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1}
 
 
-class nnUNetTrainerM4oEGate_demo(_Scheduled, nnUNetTrainerM4oEGate):
-    """Stage 2 on the CPU demo's schedule (experts frozen for 4 epochs, then fine-tuned)."""
+class nnUNetTrainerM4oEGate_demo(_Demo, nnUNetTrainerM4oEGate):
+    """Stage 2 on the CPU demo's schedule (experts frozen for 3 epochs, then fine-tuned)."""
     SCHEDULE = {**DEMO_SCHEDULE, "warmup_epochs": 1}

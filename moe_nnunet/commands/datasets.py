@@ -51,7 +51,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                          help="nnU-Net dataset id (default: " +
                               ", ".join(f"{n} {s.default_id}" for n, s in DATASETS.items()) + ")")
     p_build.add_argument("--raw", default=None, help="output root (default: $nnUNet_raw)")
-    p_build.add_argument("--num_cases", type=int, default=None, help="number of cases (default: 10)")
+    p_build.add_argument("--num_cases", type=int, default=None, help="number of cases (default: the builder's, 10 or 20)")
     p_build.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     p_build.set_defaults(func=_build)
     parser.set_defaults(func=lambda args: (parser.print_help(), 2)[1])

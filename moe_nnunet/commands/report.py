@@ -12,7 +12,7 @@ def run(args: argparse.Namespace) -> int:
     from moe_nnunet.report import make_report
 
     try:
-        page = make_report(args.results_folder, args.o, args.baseline)
+        page = make_report(args.results_folder, args.o, args.baseline, args.robustness)
     except (FileNotFoundError, ValueError, OSError, RuntimeError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -29,5 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("results_folder", help="trained model folder holding fold_N subfolders")
     p.add_argument("--baseline", nargs="+", default=[], metavar="FOLDER",
                    help="model folders of the same dataset to compare with, side by side")
+    p.add_argument("--robustness", default=None, metavar="JSON",
+                   help="robustness.json of `moe_nnunet robustness` for these models: adds the missing-modality table")
     p.add_argument("-o", default=None, metavar="OUT", help="output folder (default RESULTS_FOLDER/report)")
     p.set_defaults(func=run)

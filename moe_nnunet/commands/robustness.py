@@ -40,5 +40,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-device", default="cuda", choices=["cuda", "cpu", "mps"], help="device (default cuda)")
     p.add_argument("--tta", action="store_true", help="mirror at test time (nnU-Net's default; slower)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name")
-    p.add_argument("-np", type=int, default=2, help="processes for preprocessing, export and evaluation")
+    p.add_argument("-np", type=int, default=2,
+                   help="processes for preprocessing, export and evaluation; 0 predicts in this process, which is "
+                        "fastest for a few small cases (default 2)")
     p.set_defaults(func=run)

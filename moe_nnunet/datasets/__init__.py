@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_nnunet.datasets.common import resolve_raw_root, write_nnunet_dataset
+from moe_nnunet.datasets.icbm_flair import build_icbm_flair_lesions
 from moe_nnunet.datasets.nilearn_tissue import build_icbm_tissue
 from moe_nnunet.datasets.phantom import build_phantom
 from moe_nnunet.datasets.pyradiomics_lesions import build_brain_mri, build_lung_ct, fetch_pyradiomics_data
@@ -35,6 +36,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "icbm_tissue": DatasetSpec(
         build_icbm_tissue, "real-derived", 902, needs="pip install nilearn",
         description="REAL ICBM152 2009a T1 template (nilearn), GM/WM labels; cases are derived crops"),
+    "icbm_flair_lesions": DatasetSpec(
+        build_icbm_flair_lesions, "real-derived", 906, needs="pip install nilearn",
+        description="REAL ICBM152 T1 + SIMULATED FLAIR (from its tissue maps) + SYNTHETIC WM lesions (FLAIR only)"),
     "lung_ct": DatasetSpec(
         build_lung_ct, "real-derived", 903, needs="PyPI access once (pyradiomics sdist)",
         description="REAL lung CT tumours (pyradiomics lung1/lung2); cases are derived crops"),
@@ -59,4 +63,4 @@ def build_dataset(name: str, dataset_id: int | None = None, raw_root: str | os.P
 
 
 __all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_icbm_tissue", "build_lung_ct",
-           "build_brain_mri", "fetch_pyradiomics_data", "write_nnunet_dataset"]
+           "build_brain_mri", "build_icbm_flair_lesions", "fetch_pyradiomics_data", "write_nnunet_dataset"]

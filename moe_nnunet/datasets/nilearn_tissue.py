@@ -51,14 +51,22 @@ def nilearn_data_dir() -> Path:
     return folder
 
 
-def icbm_tissue_volume(spacing_mm: float = 3.0, data_dir: str | os.PathLike | None = None
-                       ) -> tuple[sitk.Image, sitk.Image]:
-    """The ICBM 2009a T1 (float32) and its 3-class tissue label (uint8), both resampled to ``spacing_mm``."""
+def icbm_maps(spacing_mm: float = 3.0, data_dir: str | os.PathLike | None = None
+              ) -> tuple[sitk.Image, tuple[np.ndarray, np.ndarray]]:
+    """The ICBM 2009a T1 (float32) and its grey- and white-matter probabilities in [0, 1] (z, y, x arrays on the T1's
+    grid), all resampled to ``spacing_mm`` isotropic (anti-aliased linear)."""
     folder = Path(data_dir) if data_dir is not None else nilearn_data_dir()
     read = {k: sitk.ReadImage(str(folder / f)) for k, f in ICBM_FILES.items()}
     spacing = (float(spacing_mm),) * 3
     t1 = resample_to_spacing(read["t1"], spacing)
-    probs = [sitk.GetArrayFromImage(resample_to_spacing(read[k], spacing)) / 255.0 for k in ("gm", "wm")]
+    gm, wm = (sitk.GetArrayFromImage(resample_to_spacing(read[k], spacing)) / 255.0 for k in ("gm", "wm"))
+    return t1, (gm, wm)
+
+
+def icbm_tissue_volume(spacing_mm: float = 3.0, data_dir: str | os.PathLike | None = None
+                       ) -> tuple[sitk.Image, sitk.Image]:
+    """The ICBM 2009a T1 (float32) and its 3-class tissue label (uint8), both resampled to ``spacing_mm``."""
+    t1, probs = icbm_maps(spacing_mm, data_dir)
     background = np.clip(1.0 - probs[0] - probs[1], 0.0, None)
     label = np.argmax(np.stack([background, *probs]), axis=0).astype(np.uint8)
     return t1, copy_geometry_from_array(label, t1)

@@ -53,7 +53,12 @@ class ExpertGate(nn.Module):
     `top_k`, each token keeps its k largest weights, renormalised to sum to one.
 
     While training, the module keeps `aux_loss` (balance + z-loss, weighted) for the trainer to add to
-    its loss (0 in eval). After every forward pass, `mean_weights` (E,) holds the detached average gate
+    its loss (0 in eval). When the trainer knows which expert should serve a sample (datasets combined
+    across modalities, one tag per case), it sets `route_target` (B,) long (-1: unknown) and `route_weight`:
+    `aux_loss` then also holds the routing loss, the cross-entropy of every token's gate logits against the
+    sample's expert, so the gate learns to recognise the modality from the image and needs no tag at
+    inference. (A supervised router, as in task- or domain-routed MoE; the M4oE paper leaves the gate
+    unsupervised, which on small data leaves it near an even split.) After every forward pass, `mean_weights` (E,) holds the detached average gate
     weight over batch and tokens, and `weights` the detached (B, E, *S) map when `keep_weights` is set.
 
     Args:
@@ -84,6 +89,8 @@ class ExpertGate(nn.Module):
         self.mean_weights = torch.zeros(num_experts)
         self.keep_weights = False
         self.weights: torch.Tensor | None = None
+        self.route_target: torch.Tensor | None = None
+        self.route_weight = 0.0
 
     def reset_router(self) -> None:
         """Start from an even gate: zero output layer, so every expert gets weight 1/E."""
@@ -118,6 +125,12 @@ class ExpertGate(nn.Module):
             # logsumexp ignores the -inf of absent experts, so the z-loss needs no special case
             self.aux_loss = (self.balance_loss_weight * switch_balance_loss(probs, present)
                              + self.z_loss_weight * router_z_loss(logits))
+            if self.route_target is not None and self.route_weight > 0:
+                target = self.route_target.view((-1,) + (1,) * (logits.ndim - 2)).expand(
+                    logits.shape[:1] + logits.shape[2:])
+                if (target >= 0).any():
+                    self.aux_loss = self.aux_loss + self.route_weight * F.cross_entropy(logits, target,
+                                                                                        ignore_index=-1)
         else:
             self.aux_loss = torch.zeros((), device=x.device)
         self.mean_weights = weights.detach().mean(dim=[0, *range(2, weights.ndim)])  # (E,), no copy
