@@ -778,8 +778,12 @@ def write_demo_overview(summary: dict, path: str | os.PathLike) -> Path:
 
 def _demo_setting_html(r: dict) -> str:
     roles = list(r["models"])
-    parts = [f"<h2>{_e(r['title'])}</h2>",
-             f"<p>{_e(r['dataset'])}, channels {_e(', '.join(r['channels']))}. Data: {_e(r['data'])}.</p>"]
+    if r.get("modalities"):
+        tags = " or ".join(sorted(set(r["modalities"].values())))
+        channels = f"one image channel per case, {tags} (a modality tag per case; one expert per modality)"
+    else:
+        channels = f"channels {', '.join(r['channels'])} (one expert per channel)"
+    parts = [f"<h2>{_e(r['title'])}</h2>", f"<p>{_e(r['dataset'])}, {_e(channels)}. Data: {_e(r['data'])}.</p>"]
     head = "".join(f"<th>{_e(role)}<br><small>{_e(r['models'][role]['trainer'])}</small></th>" for role in roles)
     body = []
     for name in r["labels"]:

@@ -90,17 +90,21 @@ class MoETrainingLoss(nn.Module):
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float,
-                       no_decay_names: Sequence[str] = ("relative_position_bias_table",)) -> list[dict]:
-    """Decay matrices and conv kernels only; norms, biases and position-bias tables are not decayed."""
-    decay, no_decay = [], []
+                       no_decay_names: Sequence[str] = ("relative_position_bias_table",),
+                       lr_factors: dict[str, float] | None = None) -> list[dict]:
+    """Decay matrices and conv kernels only; norms, biases and position-bias tables are not decayed.
+
+    `lr_factors` maps a parameter-name fragment (e.g. "encoder.gates.") to a learning-rate factor; such
+    parameters get groups of their own whose `lr_factor` `WarmupPolyLRScheduler` applies."""
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim <= 1 or any(n in name for n in no_decay_names):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        decay = not (p.ndim <= 1 or any(n in name for n in no_decay_names))
+        factor = next((f for fragment, f in (lr_factors or {}).items() if fragment in name), 1.0)
+        groups.setdefault((decay, factor), []).append(p)
+    return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_factor": factor}
+            for (decay, factor), params in sorted(groups.items(), key=lambda kv: (not kv[0][0], kv[0][1]))]
 
 
 class WarmupPolyLRScheduler(_LRScheduler):
@@ -109,7 +113,8 @@ class WarmupPolyLRScheduler(_LRScheduler):
     Like nnU-Net's `PolyLRScheduler`, `step(epoch)` sets the rate from the epoch alone, so a resumed
     training (`--c`) continues on the same curve without stored scheduler state.
 
-    `lr_scale(step)`, if given, multiplies the rate (e.g. a lower rate for a fine-tuning phase).
+    `lr_scale(step)`, if given, multiplies the rate (e.g. a lower rate for a fine-tuning phase); a param
+    group's `lr_factor` (see `adamw_param_groups`) multiplies it for that group.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, initial_lr: float, max_steps: int, warmup_steps: int,
@@ -136,5 +141,5 @@ class WarmupPolyLRScheduler(_LRScheduler):
             self.ctr += 1
         lr = self.lr_at(current_step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self._last_lr = [lr] * len(self.optimizer.param_groups)
+            group["lr"] = lr * group.get("lr_factor", 1.0)
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

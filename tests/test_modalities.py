@@ -214,3 +214,24 @@ def test_gate_statistics_average_per_label_and_per_case_modality():
     assert summary["per_modality"] == {"CT": [1.0, 0.0], "MRI": [0.25, 0.75]}
     assert summary["per_label"]["lesion"] == [0.625, 0.375]
     assert summary["mean"] == [0.625, 0.375]
+
+
+def test_routing_targets_follow_the_case_tags():
+    """Combined datasets: each case's gate target is the expert of its modality tag; untagged datasets get none."""
+    from types import SimpleNamespace
+
+    from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
+
+    def trainer(case_modality: dict, weight: float = 0.1) -> SimpleNamespace:
+        t = SimpleNamespace(case_modality=case_modality, routing_loss_weight=weight,
+                            moe_network=SimpleNamespace(expert_names=["CT", "MRI"]))
+        t.own_modality = lambda keys: nnUNetTrainerM4oE.own_modality(t, keys)
+        return t
+
+    tags = {"CT_a": "CT", "MRI_b": "MRI", "CT_c": "CT"}
+    route = nnUNetTrainerM4oE.route_targets(trainer(tags), ["MRI_b", "CT_a", "CT_c"])
+    assert route.tolist() == [1, 0, 0]
+    assert nnUNetTrainerM4oE.route_targets(trainer({}), ["x"]) is None
+    assert nnUNetTrainerM4oE.route_targets(trainer(tags, 0.0), ["CT_a"]) is None
+    with pytest.raises(RuntimeError, match="moe_nnunet combine"):
+        nnUNetTrainerM4oE.route_targets(trainer(tags), ["unknown_case"])

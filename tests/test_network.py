@@ -244,3 +244,22 @@ def test_compiles_without_graph_breaks():
     net.encoder.expert_heads_active = True
     explanation = torch._dynamo.explain(net)(torch.randn(1, 2, *patch))
     assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
+def test_router_learning_rate_factor_and_parameter_groups():
+    """Every trainable parameter in exactly one AdamW group; the gates' at `lr_factor` times the scheduled rate;
+    no weight decay on biases and norms."""
+    from moe_nnunet.training import WarmupPolyLRScheduler, adamw_param_groups
+
+    net, _ = build("3d_aniso", deep_supervision=True)
+    groups = adamw_param_groups(net, 0.05, lr_factors={"encoder.gates.": 10.0})
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for p in net.parameters() if p.requires_grad)
+    gate_ids = {id(p) for p in net.encoder.gates.parameters()}
+    for g in groups:
+        assert {id(p) in gate_ids for p in g["params"]} == {g["lr_factor"] == 10.0}
+        assert all(p.ndim > 1 for p in g["params"]) == (g["weight_decay"] == 0.05)
+    optimizer = torch.optim.AdamW(groups, lr=1e-3)
+    scheduler = WarmupPolyLRScheduler(optimizer, 1e-3, max_steps=10, warmup_steps=0)
+    scheduler.step(0)
+    assert sorted({g["lr"] for g in optimizer.param_groups}) == pytest.approx([1e-3, 1e-2])

@@ -33,7 +33,8 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
       * network: `M4oEUNet`, from `moe_nnunet plan` plans or derived from nnU-Net's own plans (same patch,
         strides and channels) when the plans name another network;
       * optimiser: AdamW (lr 3e-4, weight decay 0.05 on weights only) with a 10-epoch linear warm-up then
-        nnU-Net's poly decay. SGD at nnU-Net's 1e-2 makes Swin encoders diverge;
+        nnU-Net's poly decay. SGD at nnU-Net's 1e-2 makes Swin encoders diverge. The gates' routers, which
+        start from an even split, learn at 10x the rate (`router_lr_factor`);
       * loss: nnU-Net's DC+CE with deep supervision, plus the routers' balance and z-losses, plus a
         curriculum (MoME, Zhang et al., MICCAI 2024): each expert first learns its own modality through a
         light head of its own (`mixture_weight` 0 at epoch 0), and the gated mixture takes over linearly
@@ -60,6 +61,7 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         self.warmup_epochs = 10
         self.curriculum_epochs = 50
         self.routing_loss_weight = 0.1  # combined datasets: teach the gate each case's modality (ExpertGate)
+        self.router_lr_factor = 10.0    # the gates' small routers start even (zero logits) and learn 10x faster
         tags = dataset_json.get("moe_nnunet") or {}
         if tags and self.configuration_manager.network_arch_class_name != M4OE_NETWORK_CLASS:
             raise RuntimeError(
@@ -91,9 +93,16 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
         return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(adamw_param_groups(self.network, self.weight_decay), lr=self.initial_lr)
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs)
+        groups = adamw_param_groups(self.network, self.weight_decay,
+                                    lr_factors={"encoder.gates.": self.router_lr_factor})
+        optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
+        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs,
+                                          lr_scale=self.lr_scale)
         return optimizer, scheduler
+
+    def lr_scale(self, epoch: int) -> float:
+        """Multiplies the scheduled learning rate of every group (1 here; the two-stage trainer lowers it)."""
+        return 1.0
 
     def _build_loss(self):
         mixture = super()._build_loss()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
-from moe_nnunet.training import WarmupPolyLRScheduler, adamw_param_groups
 
 __all__ = ["nnUNetTrainerM4oEExperts", "nnUNetTrainerM4oEGate"]
 
@@ -78,12 +77,6 @@ class nnUNetTrainerM4oEGate(nnUNetTrainerM4oE):
 
     def lr_scale(self, epoch: int) -> float:
         return 1.0 if epoch < self.frozen_epochs else self.finetune_lr_factor
-
-    def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(adamw_param_groups(self.network, self.weight_decay), lr=self.initial_lr)
-        scheduler = WarmupPolyLRScheduler(optimizer, self.initial_lr, self.num_epochs, self.warmup_epochs,
-                                          lr_scale=self.lr_scale)
-        return optimizer, scheduler
 
     def set_experts_frozen(self, frozen: bool) -> None:
         for module in (self.moe_network.encoder.experts, self.moe_network.encoder.heads):
