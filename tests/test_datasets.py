@@ -272,6 +272,31 @@ def test_icbm_flair_lesions(tmp_path: Path, capfd, monkeypatch) -> None:
         assert abs(t1[lesion].mean() / t1[wm].mean() - 1) < 0.1
 
 
+def test_colin27_regions(tmp_path: Path, capfd, monkeypatch) -> None:
+    """Debian's mricron-data: Colin27 T1 with grouped AAL labels, valid for nnU-Net, crops at the right place."""
+    from moe_nnunet.datasets.colin27 import build_colin27_regions, colin27_volume, mricron_templates
+
+    try:
+        mricron_templates()
+    except FileNotFoundError as e:
+        assert "apt-get install mricron-data" in str(e)
+        pytest.skip(str(e))
+    folder = build_colin27_regions(tmp_path, 907, num_cases=3, spacing_mm=4.0)
+    ds = json.loads((folder / "dataset.json").read_text())
+    assert ds["labels"] == {"background": 0, "cortex": 1, "deep_grey_matter": 2, "cerebellum": 3}
+    assert declared_labels_only(folder) == {0, 1, 2, 3}
+    check_integrity(folder, capfd, monkeypatch)
+    t1, label = colin27_volume(4.0)
+    fractions = np.bincount(sitk.GetArrayViewFromImage(label).ravel(), minlength=4) / label.GetNumberOfPixels()
+    assert 0.1 < fractions[1] < 0.3 and 0.003 < fractions[2] < 0.02 and 0.01 < fractions[3] < 0.05
+    rng = np.random.default_rng(0)
+    for case_id, box in ds["case_crops"].items():
+        img = sitk.ReadImage(str(folder / "imagesTr" / f"{case_id}_0000.nii.gz"))
+        lab = sitk.ReadImage(str(folder / "labelsTr" / f"{case_id}.nii.gz"))
+        assert_same_physical_voxels(img, t1, box["start_zyx"], rng, compare_values=False)
+        assert_same_physical_voxels(lab, label, box["start_zyx"], rng)
+
+
 # ----------------------------------------------------------------------------------------------------- pyradiomics
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from moe_nnunet.datasets.colin27 import build_colin27_regions
 from moe_nnunet.datasets.common import resolve_raw_root, write_nnunet_dataset
 from moe_nnunet.datasets.icbm_flair import build_icbm_flair_lesions
 from moe_nnunet.datasets.nilearn_tissue import build_icbm_tissue
@@ -39,6 +40,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "icbm_flair_lesions": DatasetSpec(
         build_icbm_flair_lesions, "real-derived", 906, needs="pip install nilearn",
         description="REAL ICBM152 T1 + SIMULATED FLAIR (from its tissue maps) + SYNTHETIC WM lesions (FLAIR only)"),
+    "colin27_regions": DatasetSpec(
+        build_colin27_regions, "real-derived", 907, needs="apt-get install mricron-data (Debian/Ubuntu)",
+        description="REAL Colin27 T1 (mricron-data), AAL grouped: cortex, deep grey matter, cerebellum; derived crops"),
     "lung_ct": DatasetSpec(
         build_lung_ct, "real-derived", 903, needs="PyPI access once (pyradiomics sdist)",
         description="REAL lung CT tumours (pyradiomics lung1/lung2); cases are derived crops"),
@@ -63,4 +67,4 @@ def build_dataset(name: str, dataset_id: int | None = None, raw_root: str | os.P
 
 
 __all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_icbm_tissue", "build_lung_ct",
-           "build_brain_mri", "build_icbm_flair_lesions", "fetch_pyradiomics_data", "write_nnunet_dataset"]
+           "build_brain_mri", "build_colin27_regions", "build_icbm_flair_lesions", "fetch_pyradiomics_data", "write_nnunet_dataset"]
