@@ -33,7 +33,7 @@ def test_robustness_predicts_every_condition(robustness, planned):
     assert list(conditions) == ["full input", "without T1", "without T2", "without FLAIR"]
     for name, r in conditions.items():
         assert r["how"] == ("complete" if name == "full input" else "experts masked")
-        assert set(r["labels"]) == {"T1_blob", "T2_blob", "FLAIR_blob", "T2_FLAIR_combo"}
+        assert set(r["labels"]) == {"t1_blob", "t2_blob", "flair_blob", "t2_flair_combo"}
         assert all(0 <= v <= 1 for v in r["labels"].values()) and 0 <= r["mean"] <= 1
         for case in report["held_out_cases"]:
             folder = robustness.parent / "predictions" / TRAINER / name.replace(" ", "_")
