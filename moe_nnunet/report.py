@@ -754,12 +754,13 @@ def write_demo_overview(summary: dict, path: str | os.PathLike) -> Path:
     detailed report, step timings and versions. `summary` is the demo's summary.json."""
     path = Path(path)
     trainers = summary["schedule"]["trainers"]
-    minutes = summary["run_seconds"] / 60
+    minutes = summary.get("steps_total_seconds", summary["run_seconds"]) / 60
     parts = ["<h1>moe_nnunet demo <small>· M4oE against nnU-Net's own network</small></h1>",
              f"<p>Device <b>{_e(summary['device'])}</b>, mode <b>{_e(summary['mode'])}</b>: every model trained "
              f"{summary['schedule']['epochs']} epochs on fold 0 of its dataset with the same schedule "
              f"({', '.join(f'{_e(r)}: <code>{_e(t)}</code>' for r, t in trainers.items())}) and evaluated on the "
-             f"fold's held-out cases with nnU-Net's own evaluation. This run took {minutes:.1f} min; written "
+             f"fold's held-out cases with nnU-Net's own evaluation. The steps took {minutes:.1f} min "
+             f"(this run: {summary['run_seconds'] / 60:.1f} min, reusing what was done); written "
              f"{_e(summary['date'])}; {_e(', '.join(f'{k} {v}' for k, v in summary['versions'].items()))}.</p>"]
     if summary.get("note"):
         parts.append(f'<p class="note">{_e(summary["note"])}</p>')
