@@ -316,9 +316,10 @@ def run_demo(output: Path, device: str = "cpu", fresh: bool = False, quick: bool
         summary["note"] = "--quick: 2 epochs of 4 iterations, a check that the pipeline runs; the Dice means nothing"
     elif mode == "cpu":
         summary["note"] = ("CPU schedule: 6 epochs of 10 iterations per model, a few minutes of training. The networks "
-                           "are far from converged, so the tables show how fast each model learns, not how good it "
-                           "gets; nnU-Net's convolutions learn faster in the first iterations than M4oE's transformer "
-                           "experts. On a GPU the demo trains 100 epochs of 250 iterations per model.")
+                           "are far from converged, so the tables show how fast each model starts to learn, not how "
+                           "good it gets, and they vary from run to run; nnU-Net's convolutions learn faster in the "
+                           "first iterations than M4oE's transformer experts. On a GPU the demo trains 100 epochs of "
+                           "250 iterations per model.")
     summary["steps_total_seconds"] = round(sum(summary["step_seconds"].values()), 1)  # earlier runs included
     summary_file.write_text(json.dumps(summary, indent=2))
     page = write_demo_overview(summary, output / "report.html")
