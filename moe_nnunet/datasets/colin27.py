@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from moe_nnunet.datasets.common import copy_geometry_from_array, crop, resample_to_spacing, write_nnunet_dataset
-from moe_nnunet.datasets.nilearn_tissue import _augment_intensity, _random_box
+from moe_nnunet.datasets.common import copy_geometry_from_array, resample_to_spacing, write_nnunet_dataset
+from moe_nnunet.datasets.nilearn_tissue import template_crops
 
 MRICRON_TEMPLATES = Path("/usr/share/mricron/templates")
 LABELS = {"background": 0, "cortex": 1, "deep_grey_matter": 2, "cerebellum": 3}
@@ -75,15 +75,7 @@ def build_colin27_regions(raw_root: str | os.PathLike, dataset_id: int, name: st
     if num_cases < 1:
         raise ValueError("num_cases must be >= 1")
     t1, label = colin27_volume(spacing_mm, templates)
-    shape = sitk.GetArrayViewFromImage(label).shape
-    vmax = float(np.max(sitk.GetArrayViewFromImage(t1)))
-    rng = np.random.default_rng(seed)
-    cases, boxes = [], {}
-    for i in range(num_cases):
-        start, size = _random_box(shape, rng)
-        case_id = f"{name}_{i:03d}"
-        cases.append((case_id, [_augment_intensity(crop(t1, start, size), rng, vmax)], crop(label, start, size)))
-        boxes[case_id] = {"start_zyx": start, "size_zyx": size}
+    cases, boxes = template_crops(t1, label, name, num_cases, seed)
     return write_nnunet_dataset(
         raw_root, dataset_id, name, cases, ["T1"], LABELS,
         extra={"description": "REAL-derived: crops of the Colin27 T1 (one subject) with AAL regions grouped into "

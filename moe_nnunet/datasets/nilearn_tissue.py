@@ -84,17 +84,10 @@ def _augment_intensity(image: sitk.Image, rng: np.random.Generator, vmax: float)
     return copy_geometry_from_array(a.astype(np.float32), image)
 
 
-def build_icbm_tissue(raw_root: str | os.PathLike, dataset_id: int, name: str = "ICBM152Tissue",
-                      spacing_mm: float = 3.0, num_cases: int = 10, seed: int = 0, augment: bool = True,
-                      data_dir: str | os.PathLike | None = None) -> Path:
-    """Write the REAL-derived ICBM152 grey/white-matter dataset (single channel "T1"); return its folder.
-
-    Labels: background 0, grey_matter 1, white_matter 2. ``data_dir`` overrides nilearn's data folder (it must hold
-    the three ICBM 2009a files). See the module docstring for what is real and what is derived.
-    """
-    if num_cases < 1:
-        raise ValueError("num_cases must be >= 1")
-    t1, label = icbm_tissue_volume(spacing_mm, data_dir)
+def template_crops(t1: sitk.Image, label: sitk.Image, name: str, num_cases: int, seed: int, augment: bool = True
+                   ) -> tuple[list, dict]:
+    """`num_cases` random crops (70-85 % of each axis) of one template volume and its label, each with a mild
+    gamma and scale if `augment`: (cases for `write_nnunet_dataset`, {case_id: crop box})."""
     shape = sitk.GetArrayViewFromImage(label).shape
     vmax = float(np.max(sitk.GetArrayViewFromImage(t1)))
     rng = np.random.default_rng(seed)
@@ -107,6 +100,21 @@ def build_icbm_tissue(raw_root: str | os.PathLike, dataset_id: int, name: str = 
         case_id = f"{name}_{i:03d}"
         cases.append((case_id, [img], crop(label, start, size)))
         boxes[case_id] = {"start_zyx": start, "size_zyx": size}
+    return cases, boxes
+
+
+def build_icbm_tissue(raw_root: str | os.PathLike, dataset_id: int, name: str = "ICBM152Tissue",
+                      spacing_mm: float = 3.0, num_cases: int = 10, seed: int = 0, augment: bool = True,
+                      data_dir: str | os.PathLike | None = None) -> Path:
+    """Write the REAL-derived ICBM152 grey/white-matter dataset (single channel "T1"); return its folder.
+
+    Labels: background 0, grey_matter 1, white_matter 2. ``data_dir`` overrides nilearn's data folder (it must hold
+    the three ICBM 2009a files). See the module docstring for what is real and what is derived.
+    """
+    if num_cases < 1:
+        raise ValueError("num_cases must be >= 1")
+    t1, label = icbm_tissue_volume(spacing_mm, data_dir)
+    cases, boxes = template_crops(t1, label, name, num_cases, seed, augment)
     return write_nnunet_dataset(
         raw_root, dataset_id, name, cases, ["T1"], TISSUE_LABELS,
         extra={"description": "REAL-derived: crops of the ICBM 2009a nonlinear symmetric T1 template (one average "
