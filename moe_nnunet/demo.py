@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_nnunet.discovery import ext_trainer_dir
+from moe_nnunet.robustness import copy_held_out, held_out_cases
 
 M4OE_PLANS = "nnUNetM4oEPlans"
 CONFIGURATION = "3d_fullres"
@@ -152,11 +153,6 @@ def _count_files(folder: Path, pattern: str) -> Callable[[], int]:
     return lambda: len(list(folder.glob(pattern)))
 
 
-def _held_out_cases(pipe: Pipeline, dataset_id: int) -> list[str]:
-    splits = json.loads((pipe.pre / str(pipe.dataset_name(dataset_id)) / "splits_final.json").read_text())
-    return sorted(splits[0]["val"])
-
-
 def _dice(summary_file: Path, names: dict[str, str], case_groups: dict[str, str] | None = None) -> dict:
     """Mean and per-label Dice (by label name; `names` maps label values to names) from an nnU-Net evaluation
     summary; with `case_groups` (case -> modality) also the mean Dice per group."""
@@ -224,7 +220,7 @@ def run_setting(pipe: Pipeline, setting: Setting, mode: str) -> dict:
     raw = pipe.raw / name
     dataset_json = json.loads((raw / "dataset.json").read_text())
     tags = dataset_json.get("moe_nnunet", {}).get("case_modality")
-    held_out = _held_out_cases(pipe, setting.dataset_id)
+    held_out = held_out_cases(pre, 0)
     names = {str(v): k_ for k_, v in dataset_json["labels"].items()}
     result = {"dataset": name, "data": setting.data, "title": setting.title, "held_out_cases": held_out,
               "labels": {k_: v for k_, v in dataset_json["labels"].items() if k_ != "background"},
@@ -250,15 +246,9 @@ def run_setting(pipe: Pipeline, setting: Setting, mode: str) -> dict:
         result["missing_modality"] = {by_trainer[t]: r for t, r in report["results"].items()}
     else:
         trainer, plans = models["M4oE"]
-        inputs, labels, predictions = setting_out / "held_out_images", setting_out / "held_out_labels", \
-            setting_out / "predictions_M4oE"
-        for folder in (inputs, labels):
-            folder.mkdir(parents=True, exist_ok=True)
         ending = dataset_json["file_ending"]
-        for case in held_out:
-            for f in (raw / "imagesTr").glob(f"{case}_*{ending}"):
-                shutil.copy(f, inputs / f.name)
-            shutil.copy(raw / "labelsTr" / f"{case}{ending}", labels / f"{case}{ending}")
+        inputs, labels = copy_held_out(raw, held_out, ending, setting_out)
+        predictions = setting_out / "predictions_M4oE"
         pipe.step(f"{k}: predict held-out cases with nnUNetv2_predict (M4oE)",
                   all((predictions / f"{c}{ending}").is_file() for c in held_out),
                   "nnUNetv2_predict", "-i", str(inputs), "-o", str(predictions), "-d", d, "-c", CONFIGURATION,

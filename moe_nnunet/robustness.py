@@ -13,14 +13,27 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["evaluate_missing_modalities", "robustness_table"]
+__all__ = ["evaluate_missing_modalities", "robustness_table", "held_out_cases", "copy_held_out"]
 
 
-def _held_out_cases(preprocessed: Path, fold: int) -> list[str]:
+def held_out_cases(preprocessed: Path, fold: int) -> list[str]:
+    """The validation cases of `fold` in nnU-Net's splits_final.json (written when the fold is first trained)."""
     splits = preprocessed / "splits_final.json"
     if not splits.is_file():
         raise FileNotFoundError(f"{splits} not found: train fold {fold} first (nnU-Net writes the split then).")
     return sorted(json.loads(splits.read_text())[fold]["val"])
+
+
+def copy_held_out(raw: Path, cases: Sequence[str], ending: str, output: Path) -> tuple[Path, Path]:
+    """Copy the cases' raw images and labels to `output`/held_out_images and held_out_labels (nnU-Net's
+    evaluation wants a prediction for every reference file, so the references are only these cases)."""
+    inputs, refs = output / "held_out_images", output / "held_out_labels"
+    for folder, pattern in ((inputs, "imagesTr/{c}_*" + ending), (refs, "labelsTr/{c}" + ending)):
+        folder.mkdir(parents=True, exist_ok=True)
+        for case in cases:
+            for f in raw.glob(pattern.format(c=case)):
+                shutil.copy(f, folder / f.name)
+    return inputs, refs
 
 
 def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequence[tuple[str, str]],
@@ -47,14 +60,9 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
     ending = dataset_json["file_ending"]
     channels = {int(k): v for k, v in dataset_json["channel_names"].items()}
     labels = {k: v for k, v in dataset_json["labels"].items() if k not in ("background", "ignore")}
-    cases = _held_out_cases(Path(nnUNet_preprocessed) / name, fold)
+    cases = held_out_cases(Path(nnUNet_preprocessed) / name, fold)
     output = Path(output)
-    inputs, refs = output / "held_out_images", output / "held_out_labels"
-    for folder, pattern in ((inputs, "imagesTr/{c}_*" + ending), (refs, "labelsTr/{c}" + ending)):
-        folder.mkdir(parents=True, exist_ok=True)
-        for case in cases:
-            for f in raw.glob(pattern.format(c=case)):
-                shutil.copy(f, folder / f.name)
+    inputs, refs = copy_held_out(raw, cases, ending, output)
 
     conditions = [("full input", [])] + [(f"without {channels[c]}", [channels[c]]) for c in sorted(channels)]
     results: dict = {}

@@ -108,6 +108,15 @@ def test_overview_page_has_every_table_and_renders(robustness, tmp_path):
     assert shot.read_bytes()[:8] == PNG_SIGNATURE
 
 
+def test_progress_bars_and_note_match_the_trainers_schedules():
+    """The demo's epoch counts (progress bars, note) are those of the trainers it runs."""
+    from moe_nnunet.trainers.variants import DEBUG_SCHEDULE, DEMO_SCHEDULE
+
+    assert MODES["cpu"][1] == DEMO_SCHEDULE["num_epochs"] and MODES["quick"][1] == DEBUG_SCHEDULE["num_epochs"]
+    assert MODES["cuda"][1] == 100 and all(t.endswith("_100epochs") for t in MODES["cuda"][0].values())
+    assert all(t.endswith("_demo") or t == "nnUNetTrainerDemo" for t in MODES["cpu"][0].values())
+
+
 def test_runs_of_another_mode_are_not_mixed(tmp_path):
     (tmp_path / "demo_mode.json").write_text(json.dumps({"mode": "cuda"}))
     with pytest.raises(SystemExit, match="--fresh"):

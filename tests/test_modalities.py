@@ -233,5 +233,8 @@ def test_routing_targets_follow_the_case_tags():
     assert route.tolist() == [1, 0, 0]
     assert nnUNetTrainerM4oE.route_targets(trainer({}), ["x"]) is None
     assert nnUNetTrainerM4oE.route_targets(trainer(tags, 0.0), ["CT_a"]) is None
+    other = trainer({"PET_a": "PET", "CT_a": "CT"})                       # a tag no expert has: -1, ignored
+    assert nnUNetTrainerM4oE.route_targets(other, ["PET_a", "CT_a"]).tolist() == [-1, 0]
+    assert nnUNetTrainerM4oE.route_targets(other, ["PET_a"]) is None     # no case with an expert: no loss
     with pytest.raises(RuntimeError, match="moe_nnunet combine"):
         nnUNetTrainerM4oE.route_targets(trainer(tags), ["unknown_case"])

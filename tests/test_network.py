@@ -119,10 +119,16 @@ def test_routing_loss_teaches_the_gate_each_samples_expert():
     gate(features)
     per_sample = gate.weights.mean(dim=(2, 3, 4))                 # (B, E)
     assert (per_sample[torch.arange(4), target] > 0.7).all(), per_sample        # even split: 0.5
+    # samples without a tag (-1) add nothing: the routing loss is that of the tagged samples alone
     gate.train()
-    gate.route_target = torch.tensor([-1, -1, -1, -1])            # no sample with a tag: no routing loss
+    gate.balance_loss_weight = gate.z_loss_weight = 0.0
+    gate.route_target = torch.tensor([0, -1, -1, 1])
     gate(features)
-    assert gate.aux_loss.item() < 0.1
+    partial = gate.aux_loss
+    gate.route_target = torch.tensor([0, 1])
+    gate([f[[0, 3]] for f in features])
+    torch.testing.assert_close(partial, gate.aux_loss)
+    assert partial.item() > 0
 
 
 def test_top_k_keeps_k_experts():

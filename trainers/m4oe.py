@@ -137,9 +137,10 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
 
     def route_targets(self, keys) -> torch.Tensor | None:
         """(B,) long: the expert of each case's modality tag, which the gate is taught to pick (datasets
-        combined across modalities); None for other datasets."""
+        combined across modalities), -1 where no expert has the tag; None for other datasets or when no case
+        of the batch has an expert (checked here, on the host, so the gate needs no device sync)."""
         own = self.own_modality(keys)
-        if own is None or self.routing_loss_weight <= 0:
+        if own is None or self.routing_loss_weight <= 0 or not bool(own.any()):
             return None
         return torch.where(own.any(1), own.float().argmax(1), torch.full((len(keys),), -1))
 

@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "report.html and summary.json. Finished steps are reused.")
     p.add_argument("--output", default="demo_output", help="output folder (default ./demo_output)")
     p.add_argument("--device", choices=("cpu", "cuda"), default=None,
-                   help="default: cuda if available. The CPU schedule takes about 15 minutes on 2 cores, the GPU "
-                        "one trains 100 epochs per model")
+                   help="default: cuda if available. The CPU schedule takes 13-14 minutes on 2 cores, the "
+                        "GPU one trains 100 epochs per model")
     p.add_argument("--quick", action="store_true",
                    help="2 epochs of 4 iterations: checks that everything runs; the Dice means nothing")
     p.add_argument("--settings", nargs="+", choices=[s.key for s in SETTINGS], default=[s.key for s in SETTINGS],

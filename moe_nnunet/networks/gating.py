@@ -54,7 +54,8 @@ class ExpertGate(nn.Module):
 
     While training, the module keeps `aux_loss` (balance + z-loss, weighted) for the trainer to add to
     its loss (0 in eval). When the trainer knows which expert should serve a sample (datasets combined
-    across modalities, one tag per case), it sets `route_target` (B,) long (-1: unknown) and `route_weight`:
+    across modalities, one tag per case), it sets `route_target` (B,) long (-1: unknown; at least one known,
+    which the trainer checks on the host) and `route_weight`:
     `aux_loss` then also holds the routing loss, the cross-entropy of every token's gate logits against the
     sample's expert, so the gate learns to recognise the modality from the image and needs no tag at
     inference. (A supervised router, as in task- or domain-routed MoE; the M4oE paper leaves the gate
@@ -128,9 +129,8 @@ class ExpertGate(nn.Module):
             if self.route_target is not None and self.route_weight > 0:
                 target = self.route_target.view((-1,) + (1,) * (logits.ndim - 2)).expand(
                     logits.shape[:1] + logits.shape[2:])
-                if (target >= 0).any():
-                    self.aux_loss = self.aux_loss + self.route_weight * F.cross_entropy(logits, target,
-                                                                                        ignore_index=-1)
+                self.aux_loss = self.aux_loss + self.route_weight * F.cross_entropy(logits, target,
+                                                                                    ignore_index=-1)
         else:
             self.aux_loss = torch.zeros((), device=x.device)
         self.mean_weights = weights.detach().mean(dim=[0, *range(2, weights.ndim)])  # (E,), no copy
