@@ -94,7 +94,9 @@ class GateStatistics:
 
         out: dict = {"experts": self.expert_names}
         scale_sum = reduced(self._scale_sum)
-        batches = reduced(torch.tensor(float(self._batches)))
+        # on the statistics' device: NCCL reduces CUDA tensors only
+        device = self._scale_sum.device if self._scale_sum is not None else None
+        batches = reduced(torch.tensor(float(self._batches), device=device))
         if scale_sum is not None and batches > 0:
             per_scale = scale_sum / batches
             out["per_scale"] = rounded(per_scale)

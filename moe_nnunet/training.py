@@ -5,9 +5,11 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import _LRScheduler
 
-__all__ = ["MoETrainingLoss", "adamw_param_groups", "WarmupPolyLRScheduler", "sample_modality_dropout"]
+__all__ = ["MoETrainingLoss", "adamw_param_groups", "WarmupPolyLRScheduler", "sample_modality_dropout",
+           "allow_unused_parameters"]
 
 
 def sample_modality_dropout(batch_size: int, num_modalities: int, p: float,
@@ -143,3 +145,16 @@ class WarmupPolyLRScheduler(_LRScheduler):
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_factor", 1.0)
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+def allow_unused_parameters(network: DDP) -> DDP:
+    """The DDP-wrapped module re-wrapped with `find_unused_parameters=True` (unchanged if it already is).
+
+    DDP by default waits for a gradient of every parameter in every step and fails in the next step when
+    one got none. An MoE network leaves some out by design: the experts' light heads after the curriculum,
+    the heads of experts that have no sample of their modality in a rank's batch, the gates in stage 1 of
+    the two-stage training. The replaced wrapper's reducer is released with it."""
+    if network.find_unused_parameters:
+        return network
+    return DDP(network.module, device_ids=network.device_ids, output_device=network.output_device,
+               find_unused_parameters=True)

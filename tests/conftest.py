@@ -30,7 +30,7 @@ class NNUNetEnv:
         """Run a console script of this environment (nnUNetv2_*, moe_nnunet) and capture its output."""
         exe = BIN / cmd[0]
         env = self.env
-        if cmd[0] == "nnUNetv2_train":
+        if cmd[0] == "nnUNetv2_train" or cmd[:2] == ("moe_nnunet", "cv"):
             # tiny runs: data augmentation in the training process instead of spawning workers (nnU-Net's planner
             # cannot take 0 here, it sets torch's thread count from it)
             env = {**env, "nnUNet_n_proc_DA": "0"}

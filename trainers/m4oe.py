@@ -17,8 +17,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_nnunet.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
+from moe_nnunet.trainers.checkpointing import AtomicCheckpoints
 from moe_nnunet.trainers.modality import ModalityDropout
-from moe_nnunet.training import MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups
+from moe_nnunet.training import (MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups,
+                                 allow_unused_parameters)
 
 __all__ = ["nnUNetTrainerM4oE"]
 
@@ -26,7 +28,7 @@ __all__ = ["nnUNetTrainerM4oE"]
 GATE_LOG_KEY = "moe_gate_weights"
 
 
-class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
+class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
     """M4oE in nnU-Net: one Swin expert per modality, a per-token gate at every scale, nnU-Net's decoder.
 
     Changes to nnU-Net's default trainer:
@@ -49,7 +51,9 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
       * gate statistics: each epoch's mean gate weight per expert (per scale, per label, per case modality)
         goes to the log and to `gate_weights.png` beside `progress.png`; validation writes each case's mean
         gate weights to `gate_weights_validation.json` in the fold folder.
-    Everything is a function of the epoch, so `--c` resumes on the same schedule.
+    Everything is a function of the epoch, so `--c` resumes on the same schedule; checkpoints are written
+    atomically (`AtomicCheckpoints`). With `-num_gpus N` (DDP) the network is wrapped with
+    `find_unused_parameters=True`, and the gate statistics are summed over the ranks before they are logged.
     """
     supports_missing_modalities = "mask"
 
@@ -85,6 +89,11 @@ class nnUNetTrainerM4oE(ModalityDropout, nnUNetTrainer):
                                       configuration_manager.network_arch_init_kwargs_req_import,
                                       num_input_channels, num_output_channels, allow_init=True,
                                       deep_supervision=enable_deep_supervision)
+
+    def initialize(self):
+        super().initialize()
+        if self.is_ddp:  # some parameters get no gradient in some steps (see `allow_unused_parameters`)
+            self.network = allow_unused_parameters(self.network)
 
     @property
     def moe_network(self) -> nn.Module:

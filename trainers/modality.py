@@ -7,6 +7,7 @@ from typing import Iterator
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from moe_nnunet.trainers.checkpointing import AtomicCheckpoints
 from moe_nnunet.training import sample_modality_dropout
 
 __all__ = ["ModalityDropout", "nnUNetTrainerChannelDropout"]
@@ -43,7 +44,7 @@ class ModalityDropout:
         yield
 
 
-class nnUNetTrainerChannelDropout(ModalityDropout, nnUNetTrainer):
+class nnUNetTrainerChannelDropout(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
     """nnU-Net's default trainer and network, trained with modality dropout (zero-filled channels).
 
     The strong simple baseline for missing modalities: at inference a missing channel is zero-filled

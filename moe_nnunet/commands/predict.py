@@ -13,10 +13,10 @@ def _default(env: str, fallback: int) -> int:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from nnunetv2.utilities.file_path_utilities import get_output_folder
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from moe_nnunet.discovery import ensure_ext_trainer_env
+    from moe_nnunet.model_folder import ModelFolderError, UnreadableCheckpointError, check_model_folder
     from moe_nnunet.predict import MissingModalityError, MissingModalityPredictor, predict_with_missing
 
     ensure_ext_trainer_env()
@@ -26,13 +26,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     folds = [f if f == "all" else int(f) for f in args.f]
     try:
-        model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
-    except RuntimeError as e:
-        print(f"moe_nnunet predict: {e}", file=sys.stderr)
-        return 1
-    if not os.path.isdir(model_folder):
-        print(f"moe_nnunet predict: no trained model at {model_folder}; check -d, -tr, -p and -c (and "
-              f"nnUNet_results).", file=sys.stderr)
+        model_folder = check_model_folder(args.d, args.tr, args.p, args.c, folds, args.chk)
+    except (ModelFolderError, UnreadableCheckpointError) as e:
+        print(f"moe_nnunet predict: error: {e}", file=sys.stderr)
         return 1
     if args.device == "cpu":
         torch.set_num_threads(os.cpu_count() or 1)

@@ -187,6 +187,13 @@ class M4oEUNet(nn.Module):
         `present` ((B, E) or (E,) bool) masks the experts of missing modalities: they get zero gate weight
         and, in eval, are not computed. nnU-Net calls `network(x)`; `experts_present` sets the mask then.
         """
+        expected = 1 + max(c for channels in self.expert_channels for c in channels)
+        if x.shape[1] != expected:
+            experts = ", ".join(f"{n}: {c}" for n, c in zip(self.expert_names, self.expert_channels))
+            raise ValueError(
+                f"this M4oE network reads {expected} input channels (experts {experts}) but got {x.shape[1]}. Give "
+                f"every case one image per channel, CASE_0000 to CASE_{expected - 1:04d}, as in training; to "
+                f"predict with a modality missing, use `moe_nnunet predict`, which masks that modality's expert.")
         return self.decoder(self.encoder(x, present))
 
     @property
