@@ -157,23 +157,28 @@ def test_channel_dropout_baseline_trains_and_zero_fills(nnunet_env, channel_drop
 
 def test_model_without_missing_modality_training_refuses_and_names_the_file(
         nnunet_env, channel_dropout_model, tiny_dataset, tmp_path):
-    """A plain nnU-Net model (same network, checkpoint relabelled as nnUNetTrainer's) must not silently zero-fill."""
-    plain = channel_dropout_model.parent / "nnUNetTrainer__nnUNetPlans__3d_fullres"
-    if not plain.exists():
-        shutil.copytree(channel_dropout_model, plain)
-        ckpt_path = plain / "fold_0" / "checkpoint_final.pth"
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        ckpt["trainer_name"] = "nnUNetTrainer"
-        torch.save(ckpt, ckpt_path)
+    """A plain nnU-Net model (the same network at the same debug width, its checkpoint relabelled as
+    nnUNetTrainerDebug's, in a results folder of its own) must not silently zero-fill."""
+    results = tmp_path / "results"
+    plain = results / channel_dropout_model.parent.name / "nnUNetTrainerDebug__nnUNetPlans__3d_fullres"
+    shutil.copytree(channel_dropout_model, plain)
+    ckpt_path = plain / "fold_0" / "checkpoint_final.pth"
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt["trainer_name"] = "nnUNetTrainerDebug"
+    torch.save(ckpt, ckpt_path)
     inp = tmp_path / "in"
     _copy_cases(tiny_dataset, inp, ["TinyPhantom_003"])
     (inp / "TinyPhantom_003_0002.nii.gz").unlink()
     out = tmp_path / "out"
-    proc = _predict(nnunet_env, inp, out, "nnUNetTrainer", "nnUNetPlans", check=False)
-    assert proc.returncode == 1
-    assert "TinyPhantom_003_0002.nii.gz is missing (channel FLAIR)" in proc.stderr and "--zero_fill" in proc.stderr
-    assert not (out / "TinyPhantom_003.nii.gz").exists()
-    _predict(nnunet_env, inp, out, "nnUNetTrainer", "nnUNetPlans", "--zero_fill")
+    env, nnunet_env.env = nnunet_env.env, {**nnunet_env.env, "nnUNet_results": str(results)}
+    try:
+        proc = _predict(nnunet_env, inp, out, "nnUNetTrainerDebug", "nnUNetPlans", check=False)
+        assert proc.returncode == 1, proc.stderr[-2000:]
+        assert "TinyPhantom_003_0002.nii.gz is missing (channel FLAIR)" in proc.stderr and "--zero_fill" in proc.stderr
+        assert not (out / "TinyPhantom_003.nii.gz").exists()
+        _predict(nnunet_env, inp, out, "nnUNetTrainerDebug", "nnUNetPlans", "--zero_fill")
+    finally:
+        nnunet_env.env = env
     assert (out / "TinyPhantom_003.nii.gz").is_file()
 
 
