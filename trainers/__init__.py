@@ -1,5 +1,6 @@
 """nnU-Net trainers shipped by moe_nnunet (found by nnU-Net through `moe_nnunet trainer_path`)."""
 from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
+from moe_nnunet.trainers.merge import nnUNetTrainerMoEMerge, nnUNetTrainerMoEMerge_debug, nnUNetTrainerMoEMerge_demo
 from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
 from moe_nnunet.trainers.two_stage import nnUNetTrainerM4oEExperts, nnUNetTrainerM4oEGate
 from moe_nnunet.trainers.variants import (nnUNetTrainerChannelDropout_100epochs, nnUNetTrainerChannelDropout_debug,
@@ -13,4 +14,5 @@ __all__ = ["nnUNetTrainerM4oE", "nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_
            "nnUNetTrainerM4oE_100epochs", "nnUNetTrainerDemo", "nnUNetTrainerDebug", "nnUNetTrainerChannelDropout",
            "nnUNetTrainerChannelDropout_debug", "nnUNetTrainerChannelDropout_demo", "nnUNetTrainerM4oEExperts",
            "nnUNetTrainerM4oEGate", "nnUNetTrainerM4oEExperts_debug", "nnUNetTrainerM4oEGate_debug",
-           "nnUNetTrainerChannelDropout_100epochs", "nnUNetTrainerM4oEExperts_demo", "nnUNetTrainerM4oEGate_demo"]
+           "nnUNetTrainerChannelDropout_100epochs", "nnUNetTrainerM4oEExperts_demo", "nnUNetTrainerM4oEGate_demo",
+           "nnUNetTrainerMoEMerge", "nnUNetTrainerMoEMerge_debug", "nnUNetTrainerMoEMerge_demo"]
