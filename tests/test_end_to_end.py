@@ -81,13 +81,24 @@ def test_stock_predict_writes_valid_segmentations(nnunet_env, trained, tiny_data
         assert set(np.unique(sitk.GetArrayFromImage(seg))) <= {0, 1, 2, 3, 4}
 
 
-def test_trainer_runs_on_stock_nnunet_plans(nnunet_env, planned):
-    """Only the trainer flag: nnU-Net's own plans (PlainConvUNet) become an M4oE network of the same topology."""
-    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "1", "-tr", TRAINER, "-device", "cpu")
-    fold = nnunet_env.results / planned.name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_1"
+def test_trainer_runs_on_stock_nnunet_plans_as_fold_all(nnunet_env, planned, tiny_dataset, tmp_path):
+    """Only the trainer flag: nnU-Net's own plans (PlainConvUNet) become an M4oE network of the same topology.
+    Fold `all` trains on every case (and validates on them, as nnU-Net does); `nnUNetv2_predict -f all` uses it."""
+    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu")
+    fold = nnunet_env.results / planned.name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_all"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("encoder.gates.") for k in ckpt["network_weights"])
-    assert (fold / "validation" / "summary.json").is_file()
+    cases = json.loads((fold / "validation" / "summary.json").read_text())["metric_per_case"]
+    assert len(cases) == len(list((tiny_dataset / "labelsTr").glob("*.nii.gz")))
+    inp = tmp_path / "in"
+    inp.mkdir()
+    for f in (tiny_dataset / "imagesTr").glob("TinyPhantom_000_*.nii.gz"):
+        shutil.copy(f, inp / f.name)
+    nnunet_env.run("nnUNetv2_predict", "-i", str(inp), "-o", str(tmp_path / "out"), "-d", str(TINY_ID), "-c",
+                   "3d_fullres", "-f", "all", "-tr", TRAINER, "-device", "cpu", "--disable_tta", "-npp", "1",
+                   "-nps", "1")
+    seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "TinyPhantom_000.nii.gz")))
+    assert seg.shape == (24, 40, 40) and set(np.unique(seg)) <= {0, 1, 2, 3, 4}
 
 
 def test_val_reruns_validation_from_the_final_checkpoint(nnunet_env, trained):

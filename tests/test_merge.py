@@ -162,7 +162,10 @@ def merge_output(nnunet_env, experts) -> str:
 
 @pytest.fixture(scope="module")
 def merged(nnunet_env, planned, merge_output) -> Path:
-    nnunet_env.run("nnUNetv2_train", D, "3d_fullres", "0", "-tr", MERGE_TRAINER, "-p", MERGED_PLANS, "-device", "cpu")
+    """The gate's fold 0 through `moe_nnunet cv` (nnUNetv2_train --npz), as for any other model."""
+    out = nnunet_env.run("moe_nnunet", "cv", "-d", D, "-tr", MERGE_TRAINER, "-p", MERGED_PLANS, "--folds", "0",
+                         "-device", "cpu").stdout
+    assert "3d_fullres fold 0: train" in out
     return nnunet_env.results / planned.name / f"{MERGE_TRAINER}__{MERGED_PLANS}__3d_fullres"
 
 
@@ -230,6 +233,7 @@ def test_gate_training_leaves_the_experts_bit_identical(merged, experts):
     assert "mean gate weight per label (training)" in log and "weights from" in log
     summary = json.loads((merged / "fold_0" / "validation" / "summary.json").read_text())
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
+    assert list((merged / "fold_0" / "validation").glob("*.npz"))                # --npz, for ensembling
 
 
 def _segmentations(folder: Path) -> dict[str, np.ndarray]:

@@ -9,7 +9,8 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from moe_nnunet.networks import M4OE_NETWORK_CLASS, ExpertGate, M4oEUNet, m4oe_arch_kwargs
-from moe_nnunet.networks.swin import SwinBlock, _window_attention_mask, window_partition, window_reverse
+from moe_nnunet.networks.swin import (SwinBlock, WindowAttention, _window_attention_mask, window_partition,
+                                     window_reverse)
 
 REQ_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
 
@@ -230,6 +231,30 @@ def test_window_partition_round_trip_and_mask():
                 if pos != padded_index_after_roll and other == padded_index_after_roll:
                     assert not mask[win, i, j]
             assert mask[win, i, i]
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_window_attention_is_softmax_of_scores_plus_bias(masked):
+    """The SDPA path (bias broadcast over windows, or combined with a per-window mask) computes
+    softmax(q k^T / sqrt(d) + bias + mask) v window by window, and the bias table gets the gradient."""
+    torch.manual_seed(0)
+    attn = WindowAttention(8, 2, (2, 3, 2)).double()
+    nn.init.normal_(attn.relative_position_bias_table)
+    window, (b, nw, n) = (2, 3, 2), (2, 3, 12)
+    x = torch.randn(b, nw, n, 8, dtype=torch.double)
+    mask = torch.rand(nw, n, n) > 0.3 if masked else None
+    if mask is not None:
+        mask |= torch.eye(n, dtype=torch.bool)                          # every token sees itself
+    out = attn(x, window, mask)
+    q, k, v = attn.qkv(x).view(b, nw, n, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)   # (B, nW, h, N, hd)
+    index = attn.relative_position_index(window, x.device).view(-1)
+    scores = q @ k.transpose(-1, -2) / 2.0 + attn.relative_position_bias_table[index].view(n, n, 2).permute(2, 0, 1)
+    if mask is not None:
+        scores = scores.masked_fill(~mask[None, :, None], float("-inf"))
+    reference = attn.proj((scores.softmax(-1) @ v).transpose(2, 3).reshape(b, nw, n, 8))
+    torch.testing.assert_close(out, reference)
+    out.square().sum().backward()
+    assert attn.relative_position_bias_table.grad.abs().sum() > 0
 
 
 def test_shift_is_disabled_when_the_window_covers_the_map():

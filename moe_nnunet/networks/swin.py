@@ -131,16 +131,18 @@ class WindowAttention(nn.Module):
         """
         b, nw, n, c = x.shape
         h = self.num_heads
-        qkv = self.qkv(x).view(b, nw, n, 3, h, c // h)
-        # windows and heads share one axis so that a per-window mask broadcasts over the batch only
-        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).reshape(3, b, nw * h, n, c // h).unbind(0)  # (B, nW*h, N, hd)
+        qkv = self.qkv(x).view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)  # (3, B, nW, h, N, hd)
         index = self.relative_position_index(window, x.device).view(-1)
-        bias = self.relative_position_bias_table[index].view(n, n, h).permute(2, 0, 1)  # (h, N, N)
-        bias = bias.unsqueeze(0).expand(nw, h, n, n)
-        if mask is not None:
-            bias = bias.masked_fill(~mask[:, None], float("-inf"))
-        bias = bias.reshape(1, nw * h, n, n).to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+        bias = self.relative_position_bias_table[index].view(n, n, h).permute(2, 0, 1).to(qkv.dtype)  # (h, N, N)
+        if mask is None:
+            # one (h, N, N) bias broadcast over batch and windows: nothing of size nW x N x N is made
+            q, k, v = qkv.reshape(3, b * nw, h, n, c // h).unbind(0)                    # (B*nW, h, N, hd)
+            attn_mask = bias.unsqueeze(0)                                                # (1, h, N, N)
+        else:
+            # windows and heads share one axis so that the per-window mask broadcasts over the batch only
+            q, k, v = qkv.reshape(3, b, nw * h, n, c // h).unbind(0)                    # (B, nW*h, N, hd)
+            attn_mask = bias.unsqueeze(0).masked_fill(~mask[:, None], float("-inf")).view(1, nw * h, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.attn_drop if self.training else 0.0)
         out = out.view(b, nw, h, n, c // h).transpose(2, 3).reshape(b, nw, n, c)
         return self.proj_drop(self.proj(out))
