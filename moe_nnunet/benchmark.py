@@ -2,7 +2,9 @@
 
 Both networks are built from plans kwargs through nnU-Net's `get_network_from_plans`, get the same input,
 the same nnU-Net loss (deep-supervision Dice + cross-entropy) and nnU-Net's SGD, and are timed in
-alternation (ours, baseline, ours, baseline, ...) so that a noisy machine slows both alike.
+alternation (ours, baseline, ours, baseline, ...) so that a noisy machine slows both alike. Reference
+networks (`moe_nnunet.bench_references`: nnU-Net's ResEnc M, MONAI's SwinUNETR) join the alternation when
+asked for with `add_references`.
 
 Two ways to describe what to measure:
 
@@ -35,10 +37,12 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from moe_nnunet.bench_references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
+                                         swinunetr_unavailable)
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 
 __all__ = ["NetworkSpec", "BenchmarkSetup", "default_conv_unet_kwargs", "synthetic_setup", "plans_setup",
-           "run_benchmark", "format_report", "write_json"]
+           "add_references", "run_benchmark", "format_report", "write_json"]
 
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
@@ -54,7 +58,7 @@ class NetworkSpec:
     """Everything `get_network_from_plans` needs to build one network, plus where it came from.
 
     Args:
-        name: "ours" or "baseline".
+        name: "ours", "baseline" or a reference's name (`REFERENCES`).
         class_name: dotted network class.
         arch_kwargs: JSON-serialisable constructor kwargs (as in plans).
         kw_requires_import: keys of `arch_kwargs` whose values are dotted class names.
@@ -77,13 +81,21 @@ class NetworkSpec:
 
 @dataclass
 class BenchmarkSetup:
-    """The two networks and the input they are measured on (batch_size x channels x patch_size)."""
+    """The networks and the input they are measured on (batch_size x channels x patch_size).
+
+    `references` are measured like the baseline; `skipped` names the references left out, with the reason."""
     ours: NetworkSpec
     baseline: NetworkSpec
     patch_size: list[int]
     batch_size: int
     batch_dice: bool = True
     info: dict = field(default_factory=dict)
+    references: list[NetworkSpec] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def networks(self) -> list[NetworkSpec]:
+        return [self.ours, self.baseline, *self.references]
 
 
 def default_conv_unet_kwargs(patch_size: Sequence[int]) -> dict:
@@ -219,8 +231,36 @@ def plans_setup(dataset: str | int, configuration: str, plans: str = "nnUNetM4oE
     return BenchmarkSetup(ours, baseline, patch, int(batch_size or config.batch_size), bool(config.batch_dice), info)
 
 
+def add_references(setup: BenchmarkSetup, names: Sequence[str]) -> BenchmarkSetup:
+    """Add reference networks by name (`REFERENCES`) to `setup`, built for its patch, channels and outputs.
+
+    ResEnc M takes the baseline's stages, kernels and strides when the baseline is a PlainConvUNet, otherwise
+    those of our network. SwinUNETR (feature size 48) is skipped, with the reason in `setup.skipped`, when
+    MONAI is not installed or the patch does not suit it."""
+    unknown = [n for n in names if n not in REFERENCES]
+    if unknown:
+        raise ValueError(f"unknown reference network(s) {unknown}; choose from {list(REFERENCES)}.")
+    base = setup.baseline if setup.baseline.class_name == PLAIN_CONV_UNET else setup.ours
+    conv_kwargs = {k: base.arch_kwargs[k] for k in CONV_UNET_KEYS if k in base.arch_kwargs}
+    channels, classes = setup.ours.input_channels, setup.ours.num_classes
+    for name in dict.fromkeys(names):
+        if name == "resenc_m":
+            setup.references.append(NetworkSpec(name, RESENC_UNET, resenc_m_kwargs(conv_kwargs), list(REQUIRES_IMPORT),
+                                                channels, classes, "nnU-Net's ResidualEncoderUNet, ResEnc M blocks "
+                                                f"over the stages of the {base.name} network"))
+        elif (why := swinunetr_unavailable(setup.patch_size)) is not None:
+            setup.skipped[name] = why
+        else:
+            setup.references.append(NetworkSpec(name, SWIN_UNETR, {"feature_size": 48,
+                                                                   "spatial_dims": len(setup.patch_size)},
+                                                [], channels, classes, "MONAI's SwinUNETR, feature size 48"))
+    return setup
+
+
 def _check_patch(spec: NetworkSpec, patch: Sequence[int]) -> None:
-    strides = spec.arch_kwargs["strides"]
+    strides = spec.arch_kwargs.get("strides")
+    if strides is None:  # a reference without nnU-Net's stages checks its patch itself (add_references)
+        return
     if len(strides[0]) != len(patch):
         raise ValueError(f"the {spec.name} network is {len(strides[0])}D but patch_size {list(patch)} has "
                          f"{len(patch)} axes.")
@@ -318,8 +358,11 @@ class _Runner:
         self.net = spec.build(deep_supervision=True).to(device)
         self.model: nn.Module = self.net  # what gets called: the network, or its compiled wrapper
         self.x = torch.randn(batch_size, spec.input_channels, *patch, device=device)
+        # one target per deep-supervision output; a network without nnU-Net's stages has one output
+        strides = spec.arch_kwargs.get("strides")
+        shapes = _deep_supervision_shapes(patch, strides) if strides else [list(patch)]
         self.targets = [torch.randint(0, spec.num_classes, (batch_size, 1, *shape), device=device)
-                        for shape in _deep_supervision_shapes(patch, spec.arch_kwargs["strides"])]
+                        for shape in shapes]
         self.loss = _nnunet_loss(len(self.targets), batch_dice)
         # nnU-Net's optimizer (nnUNetTrainer.configure_optimizers)
         self.optimizer = torch.optim.SGD(self.net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
@@ -333,13 +376,14 @@ class _Runner:
 
     def _set_mode(self, train: bool) -> None:
         self.net.train(train)
-        self.net.decoder.deep_supervision = train
+        if hasattr(getattr(self.net, "decoder", None), "deep_supervision"):
+            self.net.decoder.deep_supervision = train
 
     def _loss(self) -> torch.Tensor:
         """Forward, nnU-Net's deep-supervision loss, plus the network's auxiliary (router) loss if it has one."""
         with self._autocast():
             output = self.model(self.x)
-            loss = self.loss(output, self.targets)
+            loss = self.loss(output if isinstance(output, (list, tuple)) else [output], self.targets)
             if hasattr(self.net, "auxiliary_loss"):
                 loss = loss + self.net.auxiliary_loss()
         return loss
@@ -455,7 +499,7 @@ def _cpu_memory(setup: BenchmarkSetup, bf16: bool) -> dict[str, dict[str, float]
     """Peak CPU memory of each network, each in a freshly started process of its own (a peak cannot be
     taken back, so in one process the larger network would hide the smaller). "spawn" starts a new
     program, whose peak starts from zero; a forked process would inherit its parent's."""
-    specs = (setup.ours, setup.baseline)
+    specs = setup.networks
     args = [(spec, setup.patch_size, setup.batch_size, setup.batch_dice, bf16, torch.get_num_threads())
             for spec in specs]
     with multiprocessing.get_context("spawn").Pool(len(specs), maxtasksperchild=1) as pool:
@@ -487,8 +531,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 10, warmup: int = 3,
                   bf16: bool = False, compile: bool = False, measure_memory: bool = True,
-                  command: str | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Time, count and size both networks of `setup`; returns a JSON-serialisable dict.
+                  command: str | None = None, progress: Callable[[str], None] | None = None,
+                  peak_tflops: float | None = None) -> dict[str, Any]:
+    """Time, count and size the networks of `setup`; returns a JSON-serialisable dict.
 
     Args:
         setup: the two networks and their input.
@@ -500,6 +545,8 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         measure_memory: on CPU, run one extra process per network to read its peak RSS.
         command: the command line, stored in the result.
         progress: called with a short message before each phase.
+        peak_tflops: the device's peak TFLOP/s for the precision used; with it, model FLOP utilisation
+            (training-step FLOPs / median step time / peak) is reported.
     """
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
@@ -510,7 +557,9 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         raise ValueError("--compile needs --device cuda (nnU-Net does not compile on CPU either).")
     if iterations < 1 or warmup < 0:
         raise ValueError(f"iterations={iterations} must be >= 1 and warmup={warmup} >= 0.")
-    for spec in (setup.ours, setup.baseline):
+    if peak_tflops is not None and peak_tflops <= 0:
+        raise ValueError(f"peak_tflops={peak_tflops} must be positive (e.g. the bf16 dense peak of the GPU).")
+    for spec in setup.networks:
         _check_patch(spec, setup.patch_size)
     began = time.perf_counter()
 
@@ -525,7 +574,7 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
 
     say("building networks")
     runners = [_Runner(spec, setup.patch_size, setup.batch_size, setup.batch_dice, dev, bf16)
-               for spec in (setup.ours, setup.baseline)]
+               for spec in setup.networks]
     networks = {r.spec.name: r.describe(setup.patch_size) for r in runners}
     say("counting FLOPs: one extra training step and forward per network")
     for r in runners:
@@ -559,10 +608,15 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
             record[f"{phase}_ms_all"] = [round(t, 3) for t in r.times[phase]]
             if dev.type == "cuda":
                 record[f"{phase}_memory_mib"] = (r.peak_extra[phase] + r.static_bytes(phase == "train")) / MIB
-    ours, base = networks["ours"], networks["baseline"]
-    ratios = {key: _ratio(ours.get(key), base.get(key)) for key in (
-        "train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "params", "train_flops",
-        "inference_flops", "planner_estimate")}
+            if peak_tflops is not None:  # FLOP/s achieved over the median step, as a share of the peak
+                achieved = record[f"{phase}_flops"] / (record[f"{phase}_ms"] * 1e-3)
+                record[f"{phase}_mfu"] = achieved / (peak_tflops * 1e12)
+    ours = networks["ours"]
+    keys = ("train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "params", "train_flops",
+            "inference_flops", "planner_estimate")
+    # ours / each other network; "ratios" keeps ours / baseline
+    ratios_to = {name: {key: _ratio(ours.get(key), other.get(key)) for key in keys}
+                 for name, other in networks.items() if name != "ours"}
     return {
         "command": command,
         "argv": list(sys.argv),
@@ -575,10 +629,12 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         "setup": {**setup.info, "patch_size": setup.patch_size, "batch_size": setup.batch_size,
                   "channels": setup.ours.input_channels, "num_classes": setup.ours.num_classes,
                   "batch_dice": setup.batch_dice, "iterations": iterations, "warmup": warmup,
-                  "bf16": bf16, "compile": compile},
+                  "bf16": bf16, "compile": compile, "peak_tflops": peak_tflops},
         "memory_method": memory_method,
         "networks": networks,
-        "ratios": ratios,
+        "skipped": dict(setup.skipped),
+        "ratios": ratios_to["baseline"],
+        "ratios_to": ratios_to,
     }
 
 
@@ -587,9 +643,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
 
 
 def format_report(result: dict[str, Any]) -> str:
-    """Readable table of a `run_benchmark` result, with ours/baseline ratios and where our FLOPs go."""
-    s, ours, base, ratios = result["setup"], result["networks"]["ours"], result["networks"]["baseline"], \
-        result["ratios"]
+    """Readable table of a `run_benchmark` result: a column per network, then ours / each other network, and
+    where our FLOPs go."""
+    s, networks = result["setup"], result["networks"]
+    ratios_to = result.get("ratios_to") or {"baseline": result["ratios"]}
     precision = ("bf16 autocast" if s["bf16"] else "fp32") + (", torch.compile" if s["compile"] else ", eager")
     rows = [
         ("training step, median ms", "train_ms", 1, 1),
@@ -601,20 +658,27 @@ def format_report(result: dict[str, Any]) -> str:
         ("inference forward, GFLOP", "inference_flops", 1e-9, 1),
         ("planner estimate, M voxel-features", "planner_estimate", 1e-6, 1),
     ]
-    name = {k: v["class"].rsplit(".", 1)[-1] for k, v in result["networks"].items()}
-    header = f"{'':36}{'ours (' + name['ours'] + ')':>22}{'baseline (' + name['baseline'] + ')':>30}" \
-             f"{'ours/baseline':>15}"
+    if s.get("peak_tflops"):
+        rows += [("training model FLOP utilisation, %", "train_mfu", 100, 1),
+                 ("inference model FLOP utilisation, %", "inference_mfu", 100, 1)]
+    names = list(networks)
+    columns = names + [f"ours/{n}" for n in ratios_to]
+    width = max(12, *(len(c) + 2 for c in columns))
     lines = [f"device: {result['device']['name']}; torch {result['versions']['torch']}, "
-             f"nnunetv2 {result['versions']['nnunetv2']}; {precision}",
+             f"nnunetv2 {result['versions']['nnunetv2']}; {precision}"
+             + (f"; peak {s['peak_tflops']:g} TFLOP/s" if s.get("peak_tflops") else ""),
              f"input: batch {s['batch_size']} x {s['channels']} channels x {'x'.join(map(str, s['patch_size']))}, "
-             f"{s['num_classes']} outputs; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating",
-             f"ours: {ours['origin']}", f"baseline: {base['origin']}", "", header]
+             f"{s['num_classes']} outputs; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating"]
+    lines += [f"{n} ({networks[n]['class'].rsplit('.', 1)[-1]}): {networks[n]['origin']}" for n in names]
+    lines += [f"{n}: skipped ({why})" for n, why in result.get("skipped", {}).items()]
+    lines += ["", f"{'':36}" + "".join(f"{c:>{width}}" for c in columns)]
     for label, key, scale, digits in rows:
-        a, b = ours.get(key), base.get(key)
-        lines.append(f"{label:36}{_fmt(None if a is None else a * scale, digits):>22}"
-                     f"{_fmt(None if b is None else b * scale, digits):>30}{_fmt(ratios.get(key), 2):>15}")
+        values = [networks[n].get(key) for n in names]
+        cells = [_fmt(None if v is None else v * scale, digits) for v in values]
+        cells += [_fmt(ratios_to[n][key], 2) if key in ratios_to[n] else "" for n in ratios_to]
+        lines.append(f"{label:36}" + "".join(f"{c:>{width}}" for c in cells))
     lines += ["", f"memory: {result['memory_method']}", ""]
-    return "\n".join(lines + _our_parts(ours))
+    return "\n".join(lines + _our_parts(networks["ours"]))
 
 
 def _our_parts(ours: dict[str, Any]) -> list[str]:

@@ -10,15 +10,17 @@ from moe_nnunet.cli import main
 from moe_nnunet.networks import M4OE_NETWORK_CLASS
 
 PLAIN = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
+RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 
 
 def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
-                 "--iterations", "2", "--warmup", "0", "--device", "cpu", "--json", str(out)])
+                 "--iterations", "2", "--warmup", "0", "--device", "cpu", "--peak_tflops", "0.5", "--json", str(out)])
     assert code == 0
     printed = capsys.readouterr().out
-    assert "ours/baseline" in printed and "training step, median ms" in printed
+    assert "ours/baseline" in printed and "ours/resenc_m" in printed and "training step, median ms" in printed
+    assert "swinunetr: skipped (SwinUNETR needs every patch axis a multiple of 32" in printed
 
     result = json.loads(out.read_text())
     assert result["setup"]["patch_size"] == [8, 16, 16] and result["setup"]["channels"] == 2
@@ -38,6 +40,39 @@ def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
     assert ours["inference_flops_by_module"]["encoder.experts.*.stages.0"] > 0
     for key, ratio in result["ratios"].items():
         assert ratio == pytest.approx(ours[key] / base[key]), key
+    # ResEnc M over the baseline's stages: more blocks in the encoder, one conv per decoder stage
+    resenc = result["networks"]["resenc_m"]
+    assert resenc["class"] == RESENC and resenc["arch_kwargs"]["strides"] == base["arch_kwargs"]["strides"]
+    assert resenc["arch_kwargs"]["n_blocks_per_stage"][:3] == [1, 3, 4] and resenc["train_ms"] > 0
+    assert result["ratios_to"]["resenc_m"]["train_flops"] == pytest.approx(ours["train_flops"] / resenc["train_flops"])
+    assert set(result["skipped"]) == {"swinunetr"}
+    for net in (ours, base, resenc):  # model FLOP utilisation against the given peak of 0.5 TFLOP/s
+        assert net["train_mfu"] == pytest.approx(net["train_flops"] / (net["train_ms"] * 1e-3) / 0.5e12)
+
+
+def test_swinunetr_reference_is_measured_with_nnunets_loss():
+    """MONAI's SwinUNETR-48 as a reference (2D, 64 x 64: its smallest patch), one output, no deep supervision."""
+    pytest.importorskip("monai")
+    from moe_nnunet.benchmark import add_references, run_benchmark, synthetic_setup
+    setup = add_references(synthetic_setup(channels=1, patch_size=(64, 64), batch_size=1), ["swinunetr"])
+    result = run_benchmark(setup, "cpu", iterations=1, warmup=0, measure_memory=False)
+    swin = result["networks"]["swinunetr"]
+    assert swin["class"] == "moe_nnunet.bench_references.SwinUNETRForBench" and swin["planner_estimate"] is None
+    assert swin["train_ms"] > 0 and swin["train_flops"] > 2 * swin["inference_flops"] > 0
+    assert result["ratios_to"]["swinunetr"]["params"] == pytest.approx(
+        result["networks"]["ours"]["params"] / swin["params"])
+
+
+def test_references_are_skipped_or_refused_with_the_reason(monkeypatch):
+    from moe_nnunet import bench_references
+    from moe_nnunet.benchmark import add_references, synthetic_setup
+    real_find_spec = bench_references.importlib.util.find_spec
+    monkeypatch.setattr(bench_references.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "monai" else real_find_spec(name, *a))
+    setup = add_references(synthetic_setup(channels=1, patch_size=(64, 64, 64)), ["swinunetr"])
+    assert setup.references == [] and "pip install monai" in setup.skipped["swinunetr"]
+    with pytest.raises(ValueError, match="resenc_m"):
+        add_references(synthetic_setup(channels=1, patch_size=(64, 64, 64)), ["resenc_l"])
 
 
 def _write_preprocessed(root: Path, plans_name: str) -> None:

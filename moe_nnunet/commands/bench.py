@@ -1,4 +1,4 @@
-"""`moe_nnunet bench`: our network against nnU-Net's own network, measured in one run.
+"""`moe_nnunet bench`: our network against nnU-Net's own networks (and MONAI's SwinUNETR), measured in one run.
 
 The measuring itself lives in `moe_nnunet.benchmark`; this module only parses arguments.
 """
@@ -31,12 +31,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--batch_size", type=int, help="override the batch size")
     data.add_argument("--channels", type=int, help="override the number of input channels (one expert each)")
     data.add_argument("--num_classes", type=int, default=3, help="outputs in --synthetic mode (default: 3)")
+    data.add_argument("--references", nargs="*", default=["resenc_m", "swinunetr"], metavar="NAME",
+                      help="reference networks measured too: resenc_m (nnU-Net's ResEnc M), swinunetr (MONAI's "
+                           "SwinUNETR-48, skipped when MONAI is missing or the patch is not a multiple of 32); "
+                           "none for only ours and the baseline (default: resenc_m swinunetr)")
     how = parser.add_argument_group("how to measure")
     how.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     how.add_argument("--iterations", type=int, default=10, help="measured steps per network (default: 10)")
     how.add_argument("--warmup", type=int, default=3, help="unmeasured steps first (default: 3)")
     how.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     how.add_argument("--compile", action="store_true", help="torch.compile both networks (CUDA)")
+    how.add_argument("--peak_tflops", type=float, metavar="T",
+                     help="the device's peak TFLOP/s for this precision; adds model FLOP utilisation rows")
     how.add_argument("--no_memory", action="store_true",
                      help="CPU: skip the extra process per network that measures peak memory")
     how.add_argument("--json", metavar="OUT.json", help="write every figure, versions and the command here")
@@ -58,11 +64,18 @@ def command_line(args: argparse.Namespace, device: str) -> str:
         words += ["--patch_size", *map(str, args.patch_size)]
     if args.synthetic:
         words += ["--num_classes", str(args.num_classes)]
+    words += ["--references", *(_references(args) or ["none"])]
     words += ["--device", device, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
     words += [f"--{flag}" for flag in ("bf16", "compile", "no_memory") if getattr(args, flag)]
+    if args.peak_tflops:
+        words += ["--peak_tflops", f"{args.peak_tflops:g}"]
     if args.json:
         words += ["--json", args.json]
     return shlex.join(words)
+
+
+def _references(args: argparse.Namespace) -> list[str]:
+    return [] if args.references in ([], ["none"]) else list(args.references)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,9 +95,11 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             setup = benchmark.plans_setup(args.dataset, args.configuration, args.plans, args.baseline_plans,
                                           args.patch_size, args.batch_size, args.channels)
+        benchmark.add_references(setup, _references(args))
         result = benchmark.run_benchmark(
             setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
-            command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr))
+            command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr),
+            peak_tflops=args.peak_tflops)
     except ValueError as e:
         print(f"moe_nnunet bench: error: {e}", file=sys.stderr)
         return 2
