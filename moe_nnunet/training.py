@@ -147,6 +147,13 @@ class WarmupPolyLRScheduler(_LRScheduler):
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
 
+def unwrapped(network: nn.Module) -> nn.Module:
+    """The network a trainer holds, without its DDP and torch.compile wrappers."""
+    from torch._dynamo import OptimizedModule
+    module = network.module if isinstance(network, DDP) else network
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
 def allow_unused_parameters(network: DDP) -> DDP:
     """The DDP-wrapped module re-wrapped with `find_unused_parameters=True` (unchanged if it already is).
 

@@ -10,7 +10,6 @@ import math
 import shutil
 
 import numpy as np
-import pytest
 import SimpleITK as sitk
 import torch
 

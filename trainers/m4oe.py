@@ -12,14 +12,12 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_nnunet.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints
 from moe_nnunet.trainers.modality import ModalityDropout
-from moe_nnunet.training import (MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups,
+from moe_nnunet.training import (MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups, unwrapped,
                                  allow_unused_parameters)
 
 __all__ = ["nnUNetTrainerM4oE"]
@@ -98,8 +96,7 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
     @property
     def moe_network(self) -> nn.Module:
         """The network without its DDP / torch.compile wrappers."""
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return unwrapped(self.network)
 
     def configure_optimizers(self):
         groups = adamw_param_groups(self.network, self.weight_decay,

@@ -13,16 +13,11 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
-from torch import nn
-from torch._dynamo import OptimizedModule
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints, load_checkpoint_file
 from moe_nnunet.trainers.variants import DEBUG_SCHEDULE, DEMO_SCHEDULE, _NoTestTimeMirroring, _Scheduled
-from moe_nnunet.training import WarmupPolyLRScheduler, adamw_param_groups
+from moe_nnunet.training import WarmupPolyLRScheduler, adamw_param_groups, unwrapped
 
 __all__ = ["EXPERTS_KEY", "nnUNetTrainerMoEMerge", "nnUNetTrainerMoEMerge_debug", "nnUNetTrainerMoEMerge_demo"]
 
@@ -68,21 +63,10 @@ class nnUNetTrainerMoEMerge(AtomicCheckpoints, nnUNetTrainer):
         self.weight_decay = 1e-4
         self._experts_in_checkpoint = False
 
-    @staticmethod
-    def build_network_architecture(plans_manager: PlansManager, configuration_manager: ConfigurationManager,
-                                   num_input_channels: int, num_output_channels: int,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        return get_network_from_plans(configuration_manager.network_arch_class_name,
-                                      configuration_manager.network_arch_init_kwargs,
-                                      configuration_manager.network_arch_init_kwargs_req_import,
-                                      num_input_channels, num_output_channels, allow_init=True,
-                                      deep_supervision=enable_deep_supervision)
-
     @property
     def merged_network(self) -> MergedExpertsNet:
         """The network without its DDP / torch.compile wrappers."""
-        mod = self.network.module if isinstance(self.network, DDP) else self.network
-        return mod._orig_mod if isinstance(mod, OptimizedModule) else mod
+        return unwrapped(self.network)
 
     def initialize(self):
         super().initialize()

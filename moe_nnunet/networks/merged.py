@@ -236,7 +236,7 @@ class MergedExpertsNet(nn.Module):
         background only the share the general model also calls background (see the class docstring)."""
         general = probabilities[self.general]                                           # (B, K_g, *S)
         elsewhere = torch.einsum("ek,bk...->be...", self.unknown, general)             # (B, E, *S)
-        share = general[:, :1] / (general[:, :1] + elsewhere)                          # (B, E, *S)
+        share = general[:, :1] / (general[:, :1] + elsewhere).clamp_min(_EPS)          # (B, E, *S)
         background = torch.stack([p[:, 0] for p in probabilities], 1) * share           # (B, E, *S)
         foreground = torch.cat(list(probabilities), 1).index_select(1, self.source)     # (B, sum_e (K_e-1), *S)
         b, spatial = background.shape[0], background.shape[2:]
