@@ -39,6 +39,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 from moe_nnunet.bench_references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
                                          swinunetr_unavailable)
+from moe_nnunet.memory import (GIB, NNUNET_REFERENCE, planner_units_to_gib, simulate_training_memory,
+                               training_memory_in_planner_units)
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 
 __all__ = ["NetworkSpec", "BenchmarkSetup", "default_conv_unet_kwargs", "synthetic_setup", "plans_setup",
@@ -73,10 +75,11 @@ class NetworkSpec:
     num_classes: int
     origin: str
 
-    def build(self, deep_supervision: bool = True) -> nn.Module:
+    def build(self, deep_supervision: bool = True, allow_init: bool = True) -> nn.Module:
         from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
         return get_network_from_plans(self.class_name, self.arch_kwargs, self.kw_requires_import,
-                                      self.input_channels, self.num_classes, deep_supervision=deep_supervision)
+                                      self.input_channels, self.num_classes, allow_init=allow_init,
+                                      deep_supervision=deep_supervision)
 
 
 @dataclass
@@ -353,9 +356,14 @@ class _Runner:
     """One network with its input, random targets, nnU-Net loss and optimizer; times one step at a time."""
 
     def __init__(self, spec: NetworkSpec, patch: Sequence[int], batch_size: int, batch_dice: bool,
-                 device: torch.device, bf16: bool) -> None:
+                 device: torch.device, bf16: bool, net: nn.Module | None = None) -> None:
         self.spec, self.device, self.bf16 = spec, device, bf16
-        self.net = spec.build(deep_supervision=True).to(device)
+        if net is None:
+            with device:  # parameters are made where they will live
+                net = spec.build(deep_supervision=True)
+        if any(t.device != device for t in [*net.parameters(), *net.buffers()]):
+            net = net.to(device)
+        self.net = net
         self.model: nn.Module = self.net  # what gets called: the network, or its compiled wrapper
         self.x = torch.randn(batch_size, spec.input_channels, *patch, device=device)
         # one target per deep-supervision output; a network without nnU-Net's stages has one output
@@ -506,6 +514,25 @@ def _cpu_memory(setup: BenchmarkSetup, bf16: bool) -> dict[str, dict[str, float]
         return {spec.name: mem for spec, mem in zip(specs, pool.starmap(_cpu_memory_probe, args))}
 
 
+def _simulated_memory(spec: NetworkSpec, setup: BenchmarkSetup, bf16: bool) -> dict[str, Any]:
+    """`simulate_training_memory` of the benchmark's step (nnU-Net's SGD), or why it could not be made."""
+    try:
+        estimate = simulate_training_memory(spec, setup.patch_size, setup.batch_size, bf16=bf16,
+                                            batch_dice=setup.batch_dice, optimizer="sgd", depth=2)
+    except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
+        return {"simulated_train_memory_error": f"{type(error).__name__}: {_first_line(error)}"}
+    return {"simulated_train_memory_mib": estimate.peak_bytes / MIB,
+            "simulated_train_memory_by_part_mib": {k: v / MIB for k, v in estimate.by_part.items()}}
+
+
+def _ours_planner_estimate(spec: NetworkSpec, patch: Sequence[int], fallback: float) -> float:
+    """What `M4oEPlanner` hands nnU-Net for this network and patch (its fallback if the simulation fails)."""
+    try:
+        return training_memory_in_planner_units(spec, list(patch))
+    except Exception:  # noqa: BLE001 - as the planner: fall back to the feature-map count
+        return fallback
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -579,6 +606,16 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
     say("counting FLOPs: one extra training step and forward per network")
     for r in runners:
         networks[r.spec.name].update(r.count_flops())
+    say("simulating each network's training-step memory on fake tensors")
+    ndim = len(setup.patch_size)
+    for r in runners:
+        record = networks[r.spec.name]
+        record.update(_simulated_memory(r.spec, setup, bf16))
+        if r.spec.name == "ours" and record.get("planner_estimate") is not None:
+            record["planner_estimate"] = _ours_planner_estimate(r.spec, setup.patch_size, record["planner_estimate"])
+        if record.get("planner_estimate") is not None and ndim in NNUNET_REFERENCE:
+            record["planner_memory_mib"] = planner_units_to_gib(record["planner_estimate"], ndim,
+                                                                setup.batch_size) * GIB / MIB
 
     memory_method = "torch.cuda.max_memory_allocated during the step + parameters, buffers, optimizer state, " \
                     "input and targets"
@@ -611,9 +648,12 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
             if peak_tflops is not None:  # FLOP/s achieved over the median step, as a share of the peak
                 achieved = record[f"{phase}_flops"] / (record[f"{phase}_ms"] * 1e-3)
                 record[f"{phase}_mfu"] = achieved / (peak_tflops * 1e12)
+        if dev.type == "cuda":  # how far the simulation and the planner are from the measured peak
+            for key in ("simulated_train_memory_mib", "planner_memory_mib"):
+                record[f"{key}_over_measured"] = _ratio(record.get(key), record.get("train_memory_mib"))
     ours = networks["ours"]
-    keys = ("train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "params", "train_flops",
-            "inference_flops", "planner_estimate")
+    keys = ("train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "simulated_train_memory_mib",
+            "params", "train_flops", "inference_flops", "planner_estimate", "planner_memory_mib")
     # ours / each other network; "ratios" keeps ours / baseline
     ratios_to = {name: {key: _ratio(ours.get(key), other.get(key)) for key in keys}
                  for name, other in networks.items() if name != "ours"}
@@ -652,11 +692,13 @@ def format_report(result: dict[str, Any]) -> str:
         ("training step, median ms", "train_ms", 1, 1),
         ("inference forward, median ms", "inference_ms", 1, 1),
         ("training peak memory, MiB", "train_memory_mib", 1, 0),
+        ("  simulated (fake tensors), MiB", "simulated_train_memory_mib", 1, 0),
+        ("  planner's estimate, MiB", "planner_memory_mib", 1, 0),
         ("inference peak memory, MiB", "inference_memory_mib", 1, 0),
         ("parameters, M", "params", 1e-6, 2),
         ("training step, GFLOP", "train_flops", 1e-9, 1),
         ("inference forward, GFLOP", "inference_flops", 1e-9, 1),
-        ("planner estimate, M voxel-features", "planner_estimate", 1e-6, 1),
+        ("planner estimate, M nnU-Net units", "planner_estimate", 1e-6, 1),
     ]
     if s.get("peak_tflops"):
         rows += [("training model FLOP utilisation, %", "train_mfu", 100, 1),

@@ -35,6 +35,12 @@ def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
             assert net[key] > 0, key
         assert net["train_flops"] > 2 * net["inference_flops"]  # backward costs about twice the forward
         assert net["train_memory_mib"] >= net["inference_memory_mib"]
+        # training memory on fake tensors (fp32 here), and the planner's budget for it
+        assert net["simulated_train_memory_mib"] > 0 and net["planner_memory_mib"] > 0
+        parts = net["simulated_train_memory_by_part_mib"]
+        assert parts["held"] > 0 and sum(parts.values()) == pytest.approx(net["simulated_train_memory_mib"], rel=0.01)
+    # at this tiny patch ours peaks in the forward pass (the experts' activations), the baseline in its update
+    assert any(k.startswith("forward: encoder.experts") for k in ours["simulated_train_memory_by_part_mib"])
     # same decoder and stem in both, plus one expert per channel and the gates: ours is larger
     assert ours["params"] > base["params"] and ours["params_by_part"]["decoder"] == base["params_by_part"]["decoder"]
     assert ours["inference_flops_by_module"]["encoder.experts.*.stages.0"] > 0

@@ -106,14 +106,24 @@ class ExpertGate(nn.Module):
         Returns:
             (B, C, *S) gated sum of the expert features.
         """
+        present_view = None
         if present is not None:
-            view = present.shape + (1,) * (features[0].ndim - 2)
-            present_view = present.view(view)
-            x = torch.cat([f * present_view[:, e:e + 1].to(f.dtype) for e, f in enumerate(features)], dim=1)
-        else:
-            x = torch.cat(features, dim=1)
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = self.logits(self.act(self.hidden(x.float())))  # (B, E, *S)
+            present_view = present.view(present.shape + (1,) * (features[0].ndim - 2))
+        # the router's first layer is one 1x1 convolution over the experts' concatenated features, applied
+        # as a sum of per-expert slices of its weight: the (B, E*C, *S) concatenation is never made
+        conv = F.conv3d if features[0].ndim == 5 else F.conv2d
+        width = features[0].shape[1]
+        hidden = None
+        for e, f in enumerate(features):
+            term = conv(f, self.hidden.weight[:, e * width:(e + 1) * width])
+            if present_view is not None:
+                term = term * present_view[:, e:e + 1].to(term.dtype)
+            hidden = term if hidden is None else hidden + term
+        if self.hidden.bias is not None:
+            hidden = hidden + self.hidden.bias.view(1, -1, *(1,) * (hidden.ndim - 2)).to(hidden.dtype)
+        # router in the autocast precision, gate logits and everything after them in float32
+        logits = self.logits(self.act(hidden)).float()  # (B, E, *S)
+        with torch.autocast(device_type=features[0].device.type, enabled=False):
             if present is not None:
                 logits = logits.masked_fill(~present_view, float("-inf"))
             probs = torch.softmax(logits, dim=1)
@@ -132,7 +142,7 @@ class ExpertGate(nn.Module):
                 self.aux_loss = self.aux_loss + self.route_weight * F.cross_entropy(logits, target,
                                                                                     ignore_index=-1)
         else:
-            self.aux_loss = torch.zeros((), device=x.device)
+            self.aux_loss = torch.zeros((), device=logits.device)
         self.mean_weights = weights.detach().mean(dim=[0, *range(2, weights.ndim)])  # (E,), no copy
         self.weights = weights.detach() if self.keep_weights else None
         w = weights.to(features[0].dtype)
