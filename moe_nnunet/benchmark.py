@@ -559,7 +559,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 10, warmup: int = 3,
                   bf16: bool = False, compile: bool = False, measure_memory: bool = True,
                   command: str | None = None, progress: Callable[[str], None] | None = None,
-                  peak_tflops: float | None = None) -> dict[str, Any]:
+                  peak_tflops: float | None = None, simulate: bool = False) -> dict[str, Any]:
     """Time, count and size the networks of `setup`; returns a JSON-serialisable dict.
 
     Args:
@@ -574,7 +574,14 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         progress: called with a short message before each phase.
         peak_tflops: the device's peak TFLOP/s for the precision used; with it, model FLOP utilisation
             (training-step FLOPs / median step time / peak) is reported.
+        simulate: nothing is timed or allocated: parameters, FLOPs, the simulated training memory and the
+            planner's estimate, all on fake tensors (`moe_nnunet.memory`), in seconds even at 128³ on a
+            CPU. `device`, `iterations`, `warmup`, `compile`, `measure_memory` and `peak_tflops` are unused.
     """
+    if simulate:
+        if compile:
+            raise ValueError("--compile measures compiled kernels on a GPU; --simulate times nothing: give one.")
+        return _simulated_benchmark(setup, bf16, command, progress)
     dev = torch.device(device)
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"device {device!r}: use cpu or cuda.")
@@ -607,15 +614,7 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
     for r in runners:
         networks[r.spec.name].update(r.count_flops())
     say("simulating each network's training-step memory on fake tensors")
-    ndim = len(setup.patch_size)
-    for r in runners:
-        record = networks[r.spec.name]
-        record.update(_simulated_memory(r.spec, setup, bf16))
-        if r.spec.name == "ours" and record.get("planner_estimate") is not None:
-            record["planner_estimate"] = _ours_planner_estimate(r.spec, setup.patch_size, record["planner_estimate"])
-        if record.get("planner_estimate") is not None and ndim in NNUNET_REFERENCE:
-            record["planner_memory_mib"] = planner_units_to_gib(record["planner_estimate"], ndim,
-                                                                setup.batch_size) * GIB / MIB
+    _add_simulated_memory(networks, setup, bf16)
 
     memory_method = "torch.cuda.max_memory_allocated during the step + parameters, buffers, optimizer state, " \
                     "input and targets"
@@ -651,6 +650,60 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         if dev.type == "cuda":  # how far the simulation and the planner are from the measured peak
             for key in ("simulated_train_memory_mib", "planner_memory_mib"):
                 record[f"{key}_over_measured"] = _ratio(record.get(key), record.get("train_memory_mib"))
+    return _result(setup, networks, command, memory_method,
+                   {"type": dev.type, "name": _device_name(dev), "load_average_before": load_before,
+                    "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
+                   {"iterations": iterations, "warmup": warmup, "bf16": bf16, "compile": compile,
+                    "peak_tflops": peak_tflops, "simulate": False})
+
+
+def _add_simulated_memory(networks: dict[str, dict[str, Any]], setup: BenchmarkSetup, bf16: bool) -> None:
+    """Each network's simulated training-step memory; ours gets the planner's estimate our planner makes,
+    and every network the GPU memory nnU-Net's planner budgets for its estimate."""
+    ndim = len(setup.patch_size)
+    for spec in setup.networks:
+        record = networks[spec.name]
+        record.update(_simulated_memory(spec, setup, bf16))
+        if spec.name == "ours" and record.get("planner_estimate") is not None:
+            record["planner_estimate"] = _ours_planner_estimate(spec, setup.patch_size, record["planner_estimate"])
+        if record.get("planner_estimate") is not None and ndim in NNUNET_REFERENCE:
+            record["planner_memory_mib"] = planner_units_to_gib(record["planner_estimate"], ndim,
+                                                                setup.batch_size) * GIB / MIB
+
+
+def _simulated_benchmark(setup: BenchmarkSetup, bf16: bool, command: str | None,
+                         progress: Callable[[str], None] | None) -> dict[str, Any]:
+    """`run_benchmark(..., simulate=True)`: parameters, FLOPs and memory of every network on fake tensors."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from moe_nnunet.memory import fake_network
+
+    for spec in setup.networks:
+        _check_patch(spec, setup.patch_size)
+    began = time.perf_counter()
+    networks = {}
+    for spec in setup.networks:
+        if progress is not None:
+            progress(f"{time.perf_counter() - began:7.1f} s  {spec.name}: parameters and FLOPs on fake tensors")
+        mode = FakeTensorMode()
+        net = fake_network(spec, mode)
+        with mode:
+            runner = _Runner(spec, setup.patch_size, setup.batch_size, setup.batch_dice, torch.device("cpu"),
+                             bf16, net=net)
+            networks[spec.name] = {**runner.describe(setup.patch_size), **runner.count_flops()}
+    if progress is not None:
+        progress(f"{time.perf_counter() - began:7.1f} s  simulating each network's training-step memory")
+    _add_simulated_memory(networks, setup, bf16)
+    return _result(setup, networks, command, "not measured: --simulate (see the simulated rows)",
+                   {"type": "none", "name": "none (fake tensors)", "load_average_before": None,
+                    "load_average_after": None},
+                   {"iterations": 0, "warmup": 0, "bf16": bf16, "compile": False, "peak_tflops": None,
+                    "simulate": True})
+
+
+def _result(setup: BenchmarkSetup, networks: dict[str, dict[str, Any]], command: str | None, memory_method: str,
+            device: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
+    """The JSON-serialisable result: the figures per network, ours / each other network, and the context."""
     ours = networks["ours"]
     keys = ("train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "simulated_train_memory_mib",
             "params", "train_flops", "inference_flops", "planner_estimate", "planner_memory_mib")
@@ -660,16 +713,14 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
     return {
         "command": command,
         "argv": list(sys.argv),
-        "device": {"type": dev.type, "name": _device_name(dev), "load_average_before": load_before,
-                   "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
+        "device": device,
         "versions": {"python": platform.python_version(), "torch": torch.__version__,
                      "nnunetv2": _package_version("nnunetv2"),
                      "dynamic_network_architectures": _package_version("dynamic_network_architectures"),
                      "moe_nnunet": _package_version("moe_nnunet")},
         "setup": {**setup.info, "patch_size": setup.patch_size, "batch_size": setup.batch_size,
                   "channels": setup.ours.input_channels, "num_classes": setup.ours.num_classes,
-                  "batch_dice": setup.batch_dice, "iterations": iterations, "warmup": warmup,
-                  "bf16": bf16, "compile": compile, "peak_tflops": peak_tflops},
+                  "batch_dice": setup.batch_dice, **how},
         "memory_method": memory_method,
         "networks": networks,
         "skipped": dict(setup.skipped),
@@ -688,6 +739,8 @@ def format_report(result: dict[str, Any]) -> str:
     s, networks = result["setup"], result["networks"]
     ratios_to = result.get("ratios_to") or {"baseline": result["ratios"]}
     precision = ("bf16 autocast" if s["bf16"] else "fp32") + (", torch.compile" if s["compile"] else ", eager")
+    if s.get("simulate"):
+        precision = ("bf16 autocast" if s["bf16"] else "fp32") + "; simulated on fake tensors, nothing timed"
     rows = [
         ("training step, median ms", "train_ms", 1, 1),
         ("inference forward, median ms", "inference_ms", 1, 1),
@@ -710,12 +763,16 @@ def format_report(result: dict[str, Any]) -> str:
              f"nnunetv2 {result['versions']['nnunetv2']}; {precision}"
              + (f"; peak {s['peak_tflops']:g} TFLOP/s" if s.get("peak_tflops") else ""),
              f"input: batch {s['batch_size']} x {s['channels']} channels x {'x'.join(map(str, s['patch_size']))}, "
-             f"{s['num_classes']} outputs; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating"]
+             f"{s['num_classes']} outputs"
+             + ("" if s.get("simulate") else
+                f"; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating")]
     lines += [f"{n} ({networks[n]['class'].rsplit('.', 1)[-1]}): {networks[n]['origin']}" for n in names]
     lines += [f"{n}: skipped ({why})" for n, why in result.get("skipped", {}).items()]
     lines += ["", f"{'':36}" + "".join(f"{c:>{width}}" for c in columns)]
     for label, key, scale, digits in rows:
         values = [networks[n].get(key) for n in names]
+        if all(v is None for v in values):
+            continue
         cells = [_fmt(None if v is None else v * scale, digits) for v in values]
         cells += [_fmt(ratios_to[n][key], 2) if key in ratios_to[n] else "" for n in ratios_to]
         lines.append(f"{label:36}" + "".join(f"{c:>{width}}" for c in cells))

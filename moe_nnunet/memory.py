@@ -35,8 +35,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["MemoryEstimate", "LiveTensorBytes", "simulate_training_memory", "format_parts", "NNUNET_REFERENCE",
-           "planner_units_to_gib", "training_memory_in_planner_units"]
+__all__ = ["MemoryEstimate", "LiveTensorBytes", "simulate_training_memory", "fake_network", "format_parts",
+           "NNUNET_REFERENCE", "planner_units_to_gib", "training_memory_in_planner_units"]
 
 GIB = 2 ** 30
 # nnU-Net's ExperimentPlanner: a network whose `compute_conv_feature_map_size` is `value` trains at
@@ -46,8 +46,8 @@ NNUNET_REFERENCE = {2: {"value": 85_000_000, "batch_size": 12, "gb": 8},
                     3: {"value": 560_000_000, "batch_size": 2, "gb": 8}}
 
 
-def training_memory_in_planner_units(spec, patch_size, ref_value: float | None = None, ref_batch_size: int | None = None,
-                                     ref_gb: float | None = None) -> float:
+def training_memory_in_planner_units(spec, patch_size, ref_value: float | None = None,
+                                     ref_batch_size: int | None = None, ref_gb: float | None = None) -> float:
     """Our planner's estimate: the simulated peak of a 16-bit AdamW training step at nnU-Net's reference
     batch size, in nnU-Net's units (a plan fits when it is at most the reference value scaled to the
     GPU-memory target). The reference defaults are nnU-Net's (`NNUNET_REFERENCE`)."""
@@ -229,6 +229,15 @@ def _fake_copy(net: nn.Module, mode) -> nn.Module:
     return net
 
 
+def fake_network(spec, mode) -> nn.Module:
+    """`spec`'s network (deep supervision on) with fake parameters and buffers of `mode` (a FakeTensorMode)."""
+    try:
+        with mode:
+            return spec.build(deep_supervision=True, allow_init=False)  # values do not matter
+    except Exception:  # a constructor that reads tensor values (e.g. `.item()`): build it for real, then fake it
+        return _fake_copy(spec.build(deep_supervision=True, allow_init=False), mode)
+
+
 def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = True, batch_dice: bool = False,
                              optimizer: str = "sgd", depth: int = 3) -> MemoryEstimate:
     """Peak memory of nnU-Net training steps of one network, on fake tensors (see the module docstring).
@@ -252,11 +261,7 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
         raise ValueError(f"optimizer={optimizer!r}: use 'sgd' or 'adamw'.")
     counter = LiveTensorBytes()
     mode = FakeTensorMode()
-    try:
-        with mode:
-            net = spec.build(deep_supervision=True, allow_init=False)  # values do not matter
-    except Exception:  # a constructor that reads tensor values (e.g. `.item()`): build it for real, then fake it
-        net = _fake_copy(spec.build(deep_supervision=True, allow_init=False), mode)
+    net = fake_network(spec, mode)
     with mode:
         runner = _Runner(spec, list(patch_size), batch_size, batch_dice, torch.device("cpu"), bf16, net=net)
         if optimizer == "adamw":

@@ -56,6 +56,35 @@ def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
         assert net["train_mfu"] == pytest.approx(net["train_flops"] / (net["train_ms"] * 1e-3) / 0.5e12)
 
 
+def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
+    """--simulate: parameters, FLOPs and simulated memory on fake tensors, the same figures as the real run's."""
+    import torch
+
+    from moe_nnunet.benchmark import _Runner, synthetic_setup
+    from moe_nnunet.memory import simulate_training_memory
+    out = tmp_path / "sim.json"
+    argv = ["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
+            "--references", "none", "--simulate", "--json", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "simulated on fake tensors, nothing timed" in printed and "training step, GFLOP" in printed
+    assert "median ms" not in printed and "n/a" not in printed.split("ours, by part")[0]
+    result = json.loads(out.read_text())
+    assert result["setup"]["simulate"] and "--simulate" in result["command"] and "--device" not in result["command"]
+    setup = synthetic_setup(channels=2, patch_size=(8, 16, 16), batch_size=1)
+    for spec in setup.networks:
+        net, real = result["networks"][spec.name], spec.build()
+        assert "train_ms" not in net and "train_memory_mib" not in net
+        assert net["params"] == sum(p.numel() for p in real.parameters())
+        counted = _Runner(spec, (8, 16, 16), 1, False, torch.device("cpu"), False).count_flops()  # on real tensors
+        assert (net["train_flops"], net["inference_flops"]) == (counted["train_flops"], counted["inference_flops"])
+        simulated = simulate_training_memory(spec, (8, 16, 16), 1, bf16=False).peak_bytes
+        assert net["simulated_train_memory_mib"] == pytest.approx(simulated / 2 ** 20)
+    assert result["ratios"]["train_flops"] == pytest.approx(
+        result["networks"]["ours"]["train_flops"] / result["networks"]["baseline"]["train_flops"])
+    assert main(argv + ["--compile"]) == 2 and "--simulate times nothing" in capsys.readouterr().err
+
+
 def test_swinunetr_reference_is_measured_with_nnunets_loss():
     """MONAI's SwinUNETR-48 as a reference (2D, 64 x 64: its smallest patch), one output, no deep supervision."""
     pytest.importorskip("monai")

@@ -45,6 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="the device's peak TFLOP/s for this precision; adds model FLOP utilisation rows")
     how.add_argument("--no_memory", action="store_true",
                      help="CPU: skip the extra process per network that measures peak memory")
+    how.add_argument("--simulate", action="store_true",
+                     help="time nothing and allocate nothing: parameters, FLOPs, the training step's peak memory "
+                          "(simulated on fake tensors, as on a GPU) and the planner's estimate; seconds per "
+                          "network even at 128^3 on a CPU")
     how.add_argument("--json", metavar="OUT.json", help="write every figure, versions and the command here")
     parser.set_defaults(func=run)
 
@@ -65,8 +69,9 @@ def command_line(args: argparse.Namespace, device: str) -> str:
     if args.synthetic:
         words += ["--num_classes", str(args.num_classes)]
     words += ["--references", *(_references(args) or ["none"])]
-    words += ["--device", device, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
-    words += [f"--{flag}" for flag in ("bf16", "compile", "no_memory") if getattr(args, flag)]
+    if not args.simulate:
+        words += ["--device", device, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
+    words += [f"--{flag}" for flag in ("bf16", "compile", "no_memory", "simulate") if getattr(args, flag)]
     if args.peak_tflops:
         words += ["--peak_tflops", f"{args.peak_tflops:g}"]
     if args.json:
@@ -99,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         result = benchmark.run_benchmark(
             setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
             command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr),
-            peak_tflops=args.peak_tflops)
+            peak_tflops=args.peak_tflops, simulate=args.simulate)
     except ValueError as e:
         print(f"moe_nnunet bench: error: {e}", file=sys.stderr)
         return 2

@@ -59,8 +59,9 @@ class ExpertGate(nn.Module):
     `aux_loss` then also holds the routing loss, the cross-entropy of every token's gate logits against the
     sample's expert, so the gate learns to recognise the modality from the image and needs no tag at
     inference. (A supervised router, as in task- or domain-routed MoE; the M4oE paper leaves the gate
-    unsupervised, which on small data leaves it near an even split.) After every forward pass, `mean_weights` (E,) holds the detached average gate
-    weight over batch and tokens, and `weights` the detached (B, E, *S) map when `keep_weights` is set.
+    unsupervised, which on small data leaves it near an even split.) After every forward pass,
+    `mean_weights` (E,) holds the detached average gate weight over batch and tokens, and `weights` the
+    detached (B, E, *S) map when `keep_weights` is set.
 
     Args:
         channels: feature channels of each expert at this scale (C).
