@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+import torch.nn.functional as F
 from torch import nn
 
 from moe_nnunet.networks import M4OE_NETWORK_CLASS, ExpertGate, M4oEUNet, m4oe_arch_kwargs
@@ -93,6 +94,24 @@ def test_gate_weights_sum_to_one_and_respect_mask():
     weights = fused[:, :3]
     torch.testing.assert_close(weights.sum(1), torch.ones(2, 3, 5, 6))
     assert (weights[0, 1] == 0).all() and (weights[1, :2] == 0).all() and (weights[1, 2] == 1).all()
+
+
+def test_gate_is_a_router_over_the_concatenated_features():
+    """The per-expert sum inside the gate is the 1x1 router over all experts' concatenated features (absent
+    experts zeroed, their weight 0), followed by a softmax over experts and the weighted sum."""
+    torch.manual_seed(0)
+    gate = ExpertGate(4, 3, nn.Conv3d, hidden=8).double()
+    nn.init.normal_(gate.logits.weight)
+    features = [torch.randn(2, 4, 3, 5, 6, dtype=torch.float64) for _ in range(3)]
+    present = torch.tensor([[True, False, True], [True, True, True]])
+    mask = present.view(2, 3, 1, 1, 1)
+    concatenated = torch.cat([f * mask[:, e:e + 1] for e, f in enumerate(features)], dim=1)
+    logits = gate.logits(F.gelu(gate.hidden(concatenated))).masked_fill(~mask, float("-inf"))
+    weights = torch.softmax(logits, dim=1)
+    expected = sum(weights[:, e:e + 1] * features[e] for e in range(3))
+    torch.testing.assert_close(gate(features, present), expected)
+    torch.testing.assert_close(gate(features), sum(torch.softmax(gate.logits(F.gelu(gate.hidden(
+        torch.cat(features, 1)))), 1)[:, e:e + 1] * features[e] for e in range(3)))
 
 
 def test_routing_loss_teaches_the_gate_each_samples_expert():
