@@ -28,7 +28,7 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Callable, Sequence
 
@@ -44,7 +44,7 @@ from moe_nnunet.memory import (GIB, NNUNET_REFERENCE, planner_units_to_gib, simu
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 
 __all__ = ["NetworkSpec", "BenchmarkSetup", "default_conv_unet_kwargs", "synthetic_setup", "plans_setup",
-           "add_references", "run_benchmark", "format_report", "write_json"]
+           "add_references", "override_ours", "run_benchmark", "format_report", "write_json"]
 
 PLAIN_CONV_UNET = "dynamic_network_architectures.architectures.unet.PlainConvUNet"
 REQUIRES_IMPORT = ("conv_op", "norm_op", "dropout_op", "nonlin")
@@ -232,6 +232,18 @@ def plans_setup(dataset: str | int, configuration: str, plans: str = "nnUNetM4oE
                                [k for k in requires_import if k in CONV_UNET_KEYS], channels, num_classes,
                                f"PlainConvUNet with the stages of {plans}.json ({baseline_plans}.json {why})")
     return BenchmarkSetup(ours, baseline, patch, int(batch_size or config.batch_size), bool(config.batch_dice), info)
+
+
+def override_ours(setup: BenchmarkSetup, changes: dict[str, Any]) -> BenchmarkSetup:
+    """Measure a variant of our network: `changes` replace entries of its architecture kwargs (the
+    `arch_kwargs` of the plans), e.g. {"n_conv_per_stage": [1, 2, 2, 2, 2, 2]}. Only existing keys."""
+    unknown = sorted(set(changes) - set(setup.ours.arch_kwargs))
+    if unknown:
+        raise ValueError(f"--ours_arch: {', '.join(unknown)} not among our network's arguments; it takes "
+                         f"{', '.join(sorted(setup.ours.arch_kwargs))}.")
+    setup.ours = replace(setup.ours, arch_kwargs={**setup.ours.arch_kwargs, **changes},
+                         origin=f"{setup.ours.origin}, with {json.dumps(changes)}")
+    return setup
 
 
 def add_references(setup: BenchmarkSetup, names: Sequence[str]) -> BenchmarkSetup:

@@ -84,6 +84,18 @@ def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
         result["networks"]["ours"]["train_flops"] / result["networks"]["baseline"]["train_flops"])
     assert main(argv + ["--compile"]) == 2 and "--simulate times nothing" in capsys.readouterr().err
 
+    # a variant of our network: one conv in the experts' first stage costs fewer FLOPs and less memory
+    variant, ours = tmp_path / "variant.json", result["networks"]["ours"]
+    convs = [1] + ours["arch_kwargs"]["n_conv_per_stage"][1:]
+    assert main(argv[:-1] + [str(variant), "--ours_arch", json.dumps({"n_conv_per_stage": convs})]) == 0
+    changed = json.loads(variant.read_text())["networks"]["ours"]
+    assert changed["arch_kwargs"]["n_conv_per_stage"] == convs and "n_conv_per_stage" in changed["origin"]
+    assert changed["train_flops"] < ours["train_flops"] and changed["params"] < ours["params"]
+    assert changed["simulated_train_memory_mib"] < ours["simulated_train_memory_mib"]
+    capsys.readouterr()
+    assert main(argv + ["--ours_arch", '{"n_convs": 1}']) == 2
+    assert "n_convs not among our network's arguments" in capsys.readouterr().err
+
 
 def test_swinunetr_reference_is_measured_with_nnunets_loss():
     """MONAI's SwinUNETR-48 as a reference (2D, 64 x 64: its smallest patch), one output, no deep supervision."""

@@ -287,12 +287,14 @@ def test_shift_is_disabled_when_the_window_covers_the_map():
     torch.testing.assert_close(y, z(x))
 
 
-def test_compiles_without_graph_breaks():
-    """nnU-Net compiles the network on CUDA; dynamo must capture forward (with side outputs) in one graph."""
-    net, patch = build("2d", True)
+@pytest.mark.parametrize("name", list(CASES))
+def test_compiles_without_graph_breaks(name):
+    """nnU-Net compiles the network on CUDA; dynamo must capture forward (with side outputs) in one graph:
+    conv and Swin stages, shifted windows with their masks, the gates and the expert heads."""
+    net, patch = build(name, True)
     net.train()
     net.encoder.expert_heads_active = True
-    explanation = torch._dynamo.explain(net)(torch.randn(1, 2, *patch))
+    explanation = torch._dynamo.explain(net)(torch.randn(1, CASES[name][2], *patch))
     assert explanation.graph_break_count == 0, explanation.break_reasons
 
 

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                       help="reference networks measured too: resenc_m (nnU-Net's ResEnc M), swinunetr (MONAI's "
                            "SwinUNETR-48, skipped when MONAI is missing or the patch is not a multiple of 32); "
                            "none for only ours and the baseline (default: resenc_m swinunetr)")
+    data.add_argument("--ours_arch", metavar="JSON",
+                      help="a variant of our network: JSON object of architecture kwargs to replace, e.g. "
+                           "'{\"n_conv_per_stage\": [1, 2, 2, 2, 2, 2]}'")
     how = parser.add_argument_group("how to measure")
     how.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     how.add_argument("--iterations", type=int, default=10, help="measured steps per network (default: 10)")
@@ -68,6 +71,8 @@ def command_line(args: argparse.Namespace, device: str) -> str:
         words += ["--patch_size", *map(str, args.patch_size)]
     if args.synthetic:
         words += ["--num_classes", str(args.num_classes)]
+    if args.ours_arch:
+        words += ["--ours_arch", args.ours_arch]
     words += ["--references", *(_references(args) or ["none"])]
     if not args.simulate:
         words += ["--device", device, "--iterations", str(args.iterations), "--warmup", str(args.warmup)]
@@ -81,6 +86,18 @@ def command_line(args: argparse.Namespace, device: str) -> str:
 
 def _references(args: argparse.Namespace) -> list[str]:
     return [] if args.references in ([], ["none"]) else list(args.references)
+
+
+def _json_object(text: str) -> dict:
+    import json
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--ours_arch {text!r} is not JSON ({e}); write e.g. "
+                         "'{\"n_conv_per_stage\": [1, 2, 2, 2, 2, 2]}'.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--ours_arch {text!r}: give a JSON object of architecture kwargs.")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -100,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             setup = benchmark.plans_setup(args.dataset, args.configuration, args.plans, args.baseline_plans,
                                           args.patch_size, args.batch_size, args.channels)
+        if args.ours_arch:
+            benchmark.override_ours(setup, _json_object(args.ours_arch))
         benchmark.add_references(setup, _references(args))
         result = benchmark.run_benchmark(
             setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
