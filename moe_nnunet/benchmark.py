@@ -17,7 +17,9 @@ Two ways to describe what to measure:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import math
 import multiprocessing
@@ -387,8 +389,8 @@ class _Runner:
         # nnU-Net's optimizer (nnUNetTrainer.configure_optimizers)
         self.optimizer = torch.optim.SGD(self.net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
                                          nesterov=True)
-        self.times: dict[str, list[float]] = {"train": [], "inference": []}
-        self.peak_extra: dict[str, int] = {"train": 0, "inference": 0}
+        self.times: dict[str, list[float]] = {"train": [], "inference": [], "sliding_window": []}
+        self.peak_extra: dict[str, int] = {"train": 0, "inference": 0, "sliding_window": 0}
         self._start_allocated = 0
 
     def _autocast(self) -> torch.autocast:
@@ -441,6 +443,28 @@ class _Runner:
         with torch.inference_mode(), self._autocast():
             self.model(self.x)
         return self._end(start, "inference")
+
+    def sliding_window(self, case: torch.Tensor, mirroring: bool) -> float:
+        """nnU-Net's sliding-window prediction of one whole case (C, *size), as `nnUNetv2_predict` runs it:
+        `nnUNetPredictor` with its defaults (tiles overlapping by half, Gaussian weighting, float16 autocast
+        on CUDA, results kept on the device) and test-time mirroring over all axes if `mirroring`; ms."""
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+        from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+        self._set_mode(False)
+        with contextlib.redirect_stdout(io.StringIO()):  # nnU-Net's notes on CPU devices and default labels
+            predictor = nnUNetPredictor(use_mirroring=mirroring, device=self.device, allow_tqdm=False,
+                                        perform_everything_on_device=self.device.type == "cuda")
+        configuration = ConfigurationManager({"patch_size": list(self.x.shape[2:]), "architecture": {
+            "network_class_name": self.spec.class_name, "arch_kwargs": self.spec.arch_kwargs,
+            "_kw_requires_import": self.spec.kw_requires_import}})
+        labels = {"background": 0, **{f"class_{i}": i for i in range(1, self.spec.num_classes)}}
+        with contextlib.redirect_stdout(io.StringIO()):
+            predictor.manual_initialization(self.model, PlansManager({"configurations": {}}), configuration, None,
+                                            {"labels": labels}, "bench", tuple(range(case.ndim - 1)))
+        start = self._begin()
+        predictor.predict_sliding_window_return_logits(case)
+        return self._end(start, "sliding_window")
 
     def count_flops(self) -> dict[str, Any]:
         """FLOPs (2 per multiply-add; convolutions, matmuls, attention) of one training step and one forward."""
@@ -571,7 +595,9 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 10, warmup: int = 3,
                   bf16: bool = False, compile: bool = False, measure_memory: bool = True,
                   command: str | None = None, progress: Callable[[str], None] | None = None,
-                  peak_tflops: float | None = None, simulate: bool = False) -> dict[str, Any]:
+                  peak_tflops: float | None = None, simulate: bool = False,
+                  case_size: Sequence[int] | None = None, case_repeats: int = 3,
+                  mirroring: bool = True) -> dict[str, Any]:
     """Time, count and size the networks of `setup`; returns a JSON-serialisable dict.
 
     Args:
@@ -589,6 +615,9 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         simulate: nothing is timed or allocated: parameters, FLOPs, the simulated training memory and the
             planner's estimate, all on fake tensors (`moe_nnunet.memory`), in seconds even at 128³ on a
             CPU. `device`, `iterations`, `warmup`, `compile`, `measure_memory` and `peak_tflops` are unused.
+        case_size: also time nnU-Net's sliding-window prediction of a whole case of this size (random
+            values, the networks' channels) with each network, `case_repeats` times after one warm-up
+            (when `warmup` > 0), with test-time `mirroring` as nnU-Net's default.
     """
     if simulate:
         if compile:
@@ -603,6 +632,10 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         raise ValueError("--compile needs --device cuda (nnU-Net does not compile on CPU either).")
     if iterations < 1 or warmup < 0:
         raise ValueError(f"iterations={iterations} must be >= 1 and warmup={warmup} >= 0.")
+    if case_size is not None and (len(case_size) != len(setup.patch_size) or min(case_size) < 1
+                                  or case_repeats < 1):
+        raise ValueError(f"case_size {list(case_size)} needs {len(setup.patch_size)} positive sizes, like the "
+                         f"patch {setup.patch_size}, and case_repeats={case_repeats} must be >= 1.")
     if peak_tflops is not None and peak_tflops <= 0:
         raise ValueError(f"peak_tflops={peak_tflops} must be positive (e.g. the bf16 dense peak of the GPU).")
     for spec in setup.networks:
@@ -649,11 +682,27 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
                 if i >= warmup:
                     r.times[phase].append(ms)
 
+    if case_size is not None:
+        case = torch.randn(setup.ours.input_channels, *case_size)  # on the host, as nnU-Net's preprocessed data
+        say(f"timing nnU-Net's sliding-window prediction of a {'x'.join(map(str, case_size))} case"
+            f"{' with mirroring' if mirroring else ''}: {int(warmup > 0)} warm-up + {case_repeats} per network")
+        for i in range(int(warmup > 0) + case_repeats):
+            for r in runners:
+                ms = r.sliding_window(case, mirroring)
+                if i >= int(warmup > 0):
+                    r.times["sliding_window"].append(ms)
+
     for r in runners:
         record = networks[r.spec.name]
-        for phase in ("train", "inference"):
+        for phase in ("train", "inference", "sliding_window"):
+            if not r.times[phase]:
+                continue
             record[f"{phase}_ms"] = statistics.median(r.times[phase])
             record[f"{phase}_ms_all"] = [round(t, 3) for t in r.times[phase]]
+            if phase == "sliding_window":
+                if dev.type == "cuda":
+                    record["sliding_window_memory_mib"] = (r.peak_extra[phase] + r.static_bytes(False)) / MIB
+                continue
             if dev.type == "cuda":
                 record[f"{phase}_memory_mib"] = (r.peak_extra[phase] + r.static_bytes(phase == "train")) / MIB
             if peak_tflops is not None:  # FLOP/s achieved over the median step, as a share of the peak
@@ -666,7 +715,9 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
                    {"type": dev.type, "name": _device_name(dev), "load_average_before": load_before,
                     "load_average_after": os.getloadavg() if hasattr(os, "getloadavg") else None},
                    {"iterations": iterations, "warmup": warmup, "bf16": bf16, "compile": compile,
-                    "peak_tflops": peak_tflops, "simulate": False})
+                    "peak_tflops": peak_tflops, "simulate": False,
+                    "case_size": None if case_size is None else list(case_size),
+                    "case_repeats": case_repeats if case_size is not None else None, "mirroring": mirroring})
 
 
 def _add_simulated_memory(networks: dict[str, dict[str, Any]], setup: BenchmarkSetup, bf16: bool) -> None:
@@ -717,10 +768,10 @@ def _result(setup: BenchmarkSetup, networks: dict[str, dict[str, Any]], command:
             device: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable result: the figures per network, ours / each other network, and the context."""
     ours = networks["ours"]
-    keys = ("train_ms", "inference_ms", "train_memory_mib", "inference_memory_mib", "simulated_train_memory_mib",
+    keys = ("train_ms", "inference_ms", "sliding_window_ms", "sliding_window_memory_mib", "train_memory_mib", "inference_memory_mib", "simulated_train_memory_mib",
             "params", "train_flops", "inference_flops", "planner_estimate", "planner_memory_mib")
     # ours / each other network; "ratios" keeps ours / baseline
-    ratios_to = {name: {key: _ratio(ours.get(key), other.get(key)) for key in keys}
+    ratios_to = {name: {key: _ratio(ours.get(key), other.get(key)) for key in keys if key in ours}
                  for name, other in networks.items() if name != "ours"}
     return {
         "command": command,
@@ -756,6 +807,8 @@ def format_report(result: dict[str, Any]) -> str:
     rows = [
         ("training step, median ms", "train_ms", 1, 1),
         ("inference forward, median ms", "inference_ms", 1, 1),
+        ("sliding window, whole case, median ms", "sliding_window_ms", 1, 1),
+        ("  its peak memory, MiB", "sliding_window_memory_mib", 1, 0),
         ("training peak memory, MiB", "train_memory_mib", 1, 0),
         ("  simulated (fake tensors), MiB", "simulated_train_memory_mib", 1, 0),
         ("  planner's estimate, MiB", "planner_memory_mib", 1, 0),
@@ -778,6 +831,10 @@ def format_report(result: dict[str, Any]) -> str:
              f"{s['num_classes']} outputs"
              + ("" if s.get("simulate") else
                 f"; {s['iterations']} measured steps after {s['warmup']} warm-up, alternating")]
+    if s.get("case_size"):
+        lines.append(f"sliding window: one {'x'.join(map(str, s['case_size']))} case, nnUNetPredictor's defaults "
+                     f"(half-tile overlap, Gaussian weights, float16 autocast on CUDA), mirroring "
+                     f"{'on' if s['mirroring'] else 'off'}, {s['case_repeats']} measured per network")
     lines += [f"{n} ({networks[n]['class'].rsplit('.', 1)[-1]}): {networks[n]['origin']}" for n in names]
     lines += [f"{n}: skipped ({why})" for n, why in result.get("skipped", {}).items()]
     lines += ["", f"{'':36}" + "".join(f"{c:>{width}}" for c in columns)]

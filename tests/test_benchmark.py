@@ -16,20 +16,27 @@ RESENC = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
 def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
     out = tmp_path / "bench.json"
     code = main(["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
-                 "--iterations", "2", "--warmup", "0", "--device", "cpu", "--peak_tflops", "0.5", "--json", str(out)])
+                 "--iterations", "2", "--warmup", "0", "--device", "cpu", "--peak_tflops", "0.5", "--json", str(out),
+                 "--case_size", "12", "20", "24", "--case_repeats", "2", "--no_mirroring"])
     assert code == 0
     printed = capsys.readouterr().out
+    # nnUNetPredictor's sliding window over one whole case per network (its CPU note kept quiet)
+    assert "sliding window, whole case, median ms" in printed and "one 12x20x24 case" in printed
+    assert "mirroring off" in printed and "perform_everything_on_device" not in printed
     assert "ours/baseline" in printed and "ours/resenc_m" in printed and "training step, median ms" in printed
     assert "swinunetr: skipped (SwinUNETR needs every patch axis a multiple of 32" in printed
 
     result = json.loads(out.read_text())
     assert result["setup"]["patch_size"] == [8, 16, 16] and result["setup"]["channels"] == 2
+    assert result["setup"]["case_size"] == [12, 20, 24] and result["setup"]["mirroring"] is False
+    assert "--case_size 12 20 24 --case_repeats 2 --no_mirroring" in result["command"]
     assert result["command"].startswith("moe_nnunet bench --synthetic --channels 2")
     assert result["versions"]["torch"] and result["versions"]["nnunetv2"] and result["device"]["name"]
     ours, base = result["networks"]["ours"], result["networks"]["baseline"]
     assert ours["class"] == M4OE_NETWORK_CLASS and base["class"] == PLAIN
     for net in (ours, base):
         assert len(net["train_ms_all"]) == 2 and len(net["inference_ms_all"]) == 2
+        assert len(net["sliding_window_ms_all"]) == 2 and net["sliding_window_ms"] > 0
         for key in ("train_ms", "inference_ms", "train_flops", "inference_flops", "params", "planner_estimate",
                     "train_memory_mib", "inference_memory_mib"):
             assert net[key] > 0, key
@@ -95,6 +102,13 @@ def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv + ["--ours_arch", '{"n_convs": 1}']) == 2
     assert "n_convs not among our network's arguments" in capsys.readouterr().err
+
+
+def test_case_size_must_match_the_patch():
+    from moe_nnunet.benchmark import run_benchmark, synthetic_setup
+    setup = synthetic_setup(channels=2, patch_size=(8, 16, 16), batch_size=1)
+    with pytest.raises(ValueError, match="needs 3 positive sizes"):
+        run_benchmark(setup, "cpu", case_size=(12, 20))
 
 
 def test_swinunetr_reference_is_measured_with_nnunets_loss():

@@ -48,6 +48,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                      help="the device's peak TFLOP/s for this precision; adds model FLOP utilisation rows")
     how.add_argument("--no_memory", action="store_true",
                      help="CPU: skip the extra process per network that measures peak memory")
+    how.add_argument("--case_size", type=int, nargs="+", metavar="N",
+                     help="also time nnU-Net's sliding-window prediction (nnUNetPredictor) of one whole case of "
+                          "this size with each network, e.g. 256 256 256")
+    how.add_argument("--case_repeats", type=int, default=3,
+                     help="measured sliding-window predictions per network, after one warm-up (default: 3)")
+    how.add_argument("--no_mirroring", action="store_true",
+                     help="sliding window without test-time mirroring (nnUNetv2_predict --disable_tta)")
     how.add_argument("--simulate", action="store_true",
                      help="time nothing and allocate nothing: parameters, FLOPs, the training step's peak memory "
                           "(simulated on fake tensors, as on a GPU) and the planner's estimate; seconds per "
@@ -79,6 +86,10 @@ def command_line(args: argparse.Namespace, device: str) -> str:
     words += [f"--{flag}" for flag in ("bf16", "compile", "no_memory", "simulate") if getattr(args, flag)]
     if args.peak_tflops:
         words += ["--peak_tflops", f"{args.peak_tflops:g}"]
+    if args.case_size and not args.simulate:
+        words += ["--case_size", *map(str, args.case_size), "--case_repeats", str(args.case_repeats)]
+        if args.no_mirroring:
+            words.append("--no_mirroring")
     if args.json:
         words += ["--json", args.json]
     return shlex.join(words)
@@ -123,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
         result = benchmark.run_benchmark(
             setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
             command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr),
-            peak_tflops=args.peak_tflops, simulate=args.simulate)
+            peak_tflops=args.peak_tflops, simulate=args.simulate, case_size=args.case_size,
+            case_repeats=args.case_repeats, mirroring=not args.no_mirroring)
     except ValueError as e:
         print(f"moe_nnunet bench: error: {e}", file=sys.stderr)
         return 2
