@@ -768,8 +768,9 @@ def _result(setup: BenchmarkSetup, networks: dict[str, dict[str, Any]], command:
             device: dict[str, Any], how: dict[str, Any]) -> dict[str, Any]:
     """The JSON-serialisable result: the figures per network, ours / each other network, and the context."""
     ours = networks["ours"]
-    keys = ("train_ms", "inference_ms", "sliding_window_ms", "sliding_window_memory_mib", "train_memory_mib", "inference_memory_mib", "simulated_train_memory_mib",
-            "params", "train_flops", "inference_flops", "planner_estimate", "planner_memory_mib")
+    keys = ("train_ms", "inference_ms", "sliding_window_ms", "sliding_window_memory_mib", "train_memory_mib",
+            "inference_memory_mib", "simulated_train_memory_mib", "params", "train_flops", "inference_flops",
+            "planner_estimate", "planner_memory_mib")
     # ours / each other network; "ratios" keeps ours / baseline
     ratios_to = {name: {key: _ratio(ours.get(key), other.get(key)) for key in keys if key in ours}
                  for name, other in networks.items() if name != "ours"}
