@@ -100,6 +100,7 @@ class LiveTensorBytes(TorchDispatchMode):
         self.peak = 0
         self.label = "held"
         self._storages: dict[int, tuple[weakref.ref, int, str]] = {}
+        self._parts: Counter = Counter()  # live bytes per label
         self._peak_parts: Counter | None = None
 
     def hold(self, tensors) -> None:
@@ -115,14 +116,16 @@ class LiveTensorBytes(TorchDispatchMode):
         known = self._storages.get(key)
         if known is not None and known[0]() is storage:
             return False
-        nbytes = storage.nbytes()
+        nbytes, label = storage.nbytes(), self.label
 
-        def freed(_, key=key, nbytes=nbytes) -> None:
+        def freed(_, key=key, nbytes=nbytes, label=label) -> None:
             self.live -= nbytes
+            self._parts[label] -= nbytes
             self._storages.pop(key, None)
 
-        self._storages[key] = (weakref.ref(storage, freed), nbytes, self.label)
+        self._storages[key] = (weakref.ref(storage, freed), nbytes, label)
         self.live += nbytes
+        self._parts[label] += nbytes
         return True
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -132,10 +135,7 @@ class LiveTensorBytes(TorchDispatchMode):
                 self._count(t)
         if self.live > self.peak:
             self.peak = self.live
-            parts: Counter = Counter()
-            for _, nbytes, label in self._storages.values():
-                parts[label] += nbytes
-            self._peak_parts = parts
+            self._peak_parts = +self._parts  # a copy, without labels at zero
         return out
 
 
@@ -271,11 +271,13 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
             runner.optimizer = torch.optim.SGD(runner.net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
                                                nesterov=True, foreach=True)
         runner._set_mode(True)
-        # the optimizer's state exists from the first step on: make it with one step on zero gradients
+        # the optimizer's state exists from the first step on; made here as the first step makes it
         for p in runner.net.parameters():
-            p.grad = torch.zeros_like(p)
-        runner.optimizer.step()
-        runner.optimizer.zero_grad(set_to_none=True)
+            if optimizer == "adamw":
+                runner.optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                             "exp_avg_sq": torch.zeros_like(p)}
+            else:
+                runner.optimizer.state[p] = {"momentum_buffer": torch.zeros_like(p)}
         counter.hold([*runner.net.parameters(), *runner.net.buffers(), runner.x, *runner.targets,
                       *[t for state in runner.optimizer.state.values() for t in state.values()
                         if isinstance(t, torch.Tensor)]])
