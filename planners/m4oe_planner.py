@@ -63,7 +63,8 @@ class M4oEPlanner(ExperimentPlanner):
         spec = NetworkSpec("ours", M4OE_NETWORK_CLASS, kwargs, list(arch_kwargs_req_import), input_channels,
                            output_channels, "planner")
         try:
-            return training_memory_in_planner_units(spec, patch, ref_value, ref_bs, self.UNet_reference_val_corresp_GB)
+            return training_memory_in_planner_units(spec, patch, ref_value, ref_bs,
+                                                    self.UNet_reference_val_corresp_GB)
         except Exception as error:  # noqa: BLE001 - any failure falls back to nnU-Net's way of counting
             warnings.warn(f"moe_nnunet planner: simulating the training memory for patch {patch} failed "
                           f"({type(error).__name__}: {error}); using compute_conv_feature_map_size instead.")
