@@ -75,10 +75,10 @@ class Model:
 # ---------------------------------------------------------------------------------------------------- loading
 
 def _load_logging(fold_dir: Path) -> dict:
-    import torch
+    from moe_nnunet.trainers.checkpointing import load_checkpoint_file
     for name in CHECKPOINTS:
         if (fold_dir / name).is_file():
-            ckpt = torch.load(fold_dir / name, map_location="cpu", weights_only=False, mmap=True)
+            ckpt = load_checkpoint_file(fold_dir / name, map_location="cpu", mmap=True)
             return ckpt.get("logging", {}) or {}
     return {}
 
