@@ -19,7 +19,7 @@ from torch import nn
 
 from conftest import TINY_ID
 
-from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet, map_labels_by_name
+from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet, MergedOutput, map_labels_by_name
 
 D = str(TINY_ID)
 SECOND = "nnUNetTrainerDebug"     # nnU-Net's own network on the debug schedule, the second expert
@@ -105,7 +105,7 @@ def test_selection_weights_and_only_the_gate_learns(selection):
     expected = {"soft": torch.softmax(torch.tensor([0.0, 1.0]), 0), "topk": torch.tensor([0.0, 1.0]),
                 "threshold": torch.tensor([1.0, 0.0])}[selection]                  # threshold: the general model
     assert torch.allclose(liver, expected, atol=1e-6)
-    net(x)[:, 1].mean().backward()
+    net(x).logits[:, 1].mean().backward()
     assert net.gate.voxel_head.bias.grad.abs().sum() > 0                          # straight-through for hard ones
     assert all(p.grad is None and not p.requires_grad for p in net.experts.parameters())
     assert not net.experts.training and net.training
@@ -118,17 +118,49 @@ def test_plans_survive_json_and_the_stock_builder():
                                     "gate_hidden": 4, "selection": "topk", "top_k": 1}))
     net = get_network_from_plans(MERGED_NETWORK_CLASS, kwargs, ["conv_op"], 2, 4, deep_supervision=False)
     assert isinstance(net, MergedExpertsNet) and net.expert_names == ["expert_0", "expert_1"]
-    assert net(torch.randn(1, 2, 4, 6, 6)).shape == (1, 4, 4, 6, 6)
+    assert net.eval()(torch.randn(1, 2, 4, 6, 6)).shape == (1, 4, 4, 6, 6)
     assert net.compute_conv_feature_map_size([4, 6, 6]) > 0
     with pytest.raises(ValueError, match="nnUNetTrainerMoEMerge"):
         get_network_from_plans(MERGED_NETWORK_CLASS, kwargs, ["conv_op"], 2, 4, deep_supervision=True)
 
 
-def test_compiles_without_graph_breaks():
-    """nnU-Net compiles the network on CUDA: the gate, the mixture and the training statistics in one graph."""
-    net = toy_network().train()
-    explanation = torch._dynamo.explain(net)(torch.randn(1, 2, 4, 6, 6))
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+def test_compiled_training_steps_reuse_one_graph_and_eval_returns_the_logits():
+    """nnU-Net compiles the network on CUDA. Training steps as the merged trainer runs them (forward, nnU-Net's
+    loss through `MergedLoss`, backward, optimiser step) reuse one graph; the gate weights reach the epoch's log
+    through the loss; in eval the network returns the plain logits, the same as the training output's."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+    from torch._dynamo.testing import CompileCounter
+
+    from moe_nnunet.trainers.merge import MergedLoss
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    net = toy_network(toy_experts(((2.0, 0.0, 0.0), (0.0, 0.0, 2.0)))).train()
+    counter = CompileCounter()
+    compiled = torch.compile(net, backend=counter)
+    loss = MergedLoss(DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                                     weight_ce=1, weight_dice=1, dice_class=MemoryEfficientSoftDiceLoss))
+    optimizer = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(4):
+        x, target = torch.randn(2, 2, 4, 6, 6), torch.randint(0, 4, (2, 1, 4, 6, 6))
+        output = compiled(x)
+        assert isinstance(output, MergedOutput) and not output.gate_weights.requires_grad
+        optimizer.zero_grad(set_to_none=True)
+        loss(output, target).backward()
+        optimizer.step()
+    assert counter.frame_count == 1, f"{counter.frame_count} graphs for 4 training steps"
+    assert net.gate.voxel_head.bias.abs().sum() > 0                                # the steps trained the gate
+    weights = loss.pop_gate_weights()                                              # (L, E), mean of the 4 steps
+    assert weights.shape == (4, 2) and torch.allclose(weights.sum(1), torch.ones(4))
+    assert weights[2, 0] == 0 and weights[3, 1] == 0 and loss.pop_gate_weights() is None
+
+    x = torch.randn(1, 2, 4, 6, 6)
+    with torch.no_grad():
+        logits = net.eval()(x)
+        assert isinstance(logits, torch.Tensor) and logits.shape == (1, 4, 4, 6, 6)
+        assert torch.equal(compiled(x), logits)
+        assert torch.equal(net.train()(x).logits, logits)  # frozen experts, no dropout in the gate
 
 
 # ---- through nnU-Net's programs ----
@@ -222,11 +254,12 @@ def test_merge_needs_the_union_of_labels_in_the_dataset(nnunet_env, experts, tmp
 
 
 def test_gate_training_leaves_the_experts_bit_identical(merged, experts):
-    merged_weights = torch.load(merged / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                                weights_only=False)["network_weights"]
+    from moe_nnunet.trainers.checkpointing import load_checkpoint_file
+
+    # weights_only=True: the checkpoints of both experts' trainers and of the merge trainer hold nothing else
+    merged_weights = load_checkpoint_file(merged / "fold_0" / "checkpoint_final.pth")["network_weights"]
     for e, expert in enumerate(experts):
-        weights = torch.load(expert / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                             weights_only=False)["network_weights"]
+        weights = load_checkpoint_file(expert / "fold_0" / "checkpoint_final.pth")["network_weights"]
         assert weights and all(torch.equal(merged_weights[f"experts.{e}.{k}"], v) for k, v in weights.items())
     assert merged_weights["gate.voxel_head.bias"].abs().sum() > 0   # the gate learned (it starts at zero)
     log = "".join(f.read_text() for f in sorted((merged / "fold_0").glob("training_log_*.txt")))

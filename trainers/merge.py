@@ -13,13 +13,15 @@ import os
 
 import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from torch import nn
 
-from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet
+from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet, MergedOutput
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints, load_checkpoint_file
 from moe_nnunet.trainers.variants import DEBUG_SCHEDULE, DEMO_SCHEDULE, _NoTestTimeMirroring, _Scheduled
 from moe_nnunet.training import WarmupPolyLRScheduler, adamw_param_groups, unwrapped
 
-__all__ = ["EXPERTS_KEY", "nnUNetTrainerMoEMerge", "nnUNetTrainerMoEMerge_debug", "nnUNetTrainerMoEMerge_demo"]
+__all__ = ["EXPERTS_KEY", "MergedLoss", "nnUNetTrainerMoEMerge", "nnUNetTrainerMoEMerge_debug",
+           "nnUNetTrainerMoEMerge_demo"]
 
 EXPERTS_KEY = "merged_experts"  # configuration entry of merged plans: where each expert's checkpoints are
 
@@ -29,6 +31,38 @@ def expert_checkpoint(entry: dict, gate_fold) -> str:
     by `moe_nnunet merge -f`, or else the same fold as the gate's."""
     fold = gate_fold if entry.get("fold") is None else entry["fold"]
     return os.path.join(entry["model_folder"], f"fold_{fold}", entry.get("checkpoint", "checkpoint_final.pth"))
+
+
+class MergedLoss(nn.Module):
+    """nnU-Net's loss on the merged network's logits. In training the network returns a `MergedOutput`: this
+    unpacks it and sums the batches' gate weights for the epoch's log, outside the network's `forward` (where
+    state kept on the module would make `torch.compile` recompile at every step).
+
+    Args:
+        loss: nnU-Net's loss for one logit map.
+    """
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.loss = loss
+        self._weight_sum: torch.Tensor | None = None   # (L, E) gate weights summed over training steps
+        self._weight_steps = 0
+
+    def forward(self, output: torch.Tensor | MergedOutput, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(output, MergedOutput):
+            weights = output.gate_weights                                                 # (L, E)
+            self._weight_sum = weights if self._weight_sum is None else self._weight_sum + weights
+            self._weight_steps += 1
+            output = output.logits
+        return self.loss(output, target)
+
+    def pop_gate_weights(self) -> torch.Tensor | None:
+        """Mean selected weight per (label, expert) over the training steps since the last call, (L, E)."""
+        if self._weight_sum is None:
+            return None
+        mean = self._weight_sum / self._weight_steps
+        self._weight_sum, self._weight_steps = None, 0
+        return mean
 
 
 class nnUNetTrainerMoEMerge(AtomicCheckpoints, nnUNetTrainer):
@@ -41,7 +75,8 @@ class nnUNetTrainerMoEMerge(AtomicCheckpoints, nnUNetTrainer):
         and exported zips need nothing else;
       * experts frozen: no gradient, not in the optimiser, always in eval mode (the network's `train` keeps
         them there);
-      * no deep supervision; nnU-Net's DC+CE loss on the merged output (log-probabilities as logits);
+      * no deep supervision; nnU-Net's DC+CE loss on the merged output (log-probabilities as logits), through
+        `MergedLoss`, which also collects the gate weights the network returns in training;
       * optimiser: AdamW (lr 1e-3, weight decay 1e-4 on weights) with nnU-Net's poly decay, 100 epochs;
       * the training log shows each epoch's mean gate weight per label and expert.
     `--c` and `--val` take the experts from the merged checkpoint, not from their folders.
@@ -89,6 +124,9 @@ class nnUNetTrainerMoEMerge(AtomicCheckpoints, nnUNetTrainer):
             expert.load_state_dict(weights)
             self.print_to_log_file(f"expert {name}: weights from {path}")
 
+    def _build_loss(self):
+        return MergedLoss(super()._build_loss())
+
     def configure_optimizers(self):
         groups = adamw_param_groups(self.network, self.weight_decay)  # trainable parameters only: the gate's
         optimizer = torch.optim.AdamW(groups, lr=self.initial_lr)
@@ -100,7 +138,7 @@ class nnUNetTrainerMoEMerge(AtomicCheckpoints, nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
-        weights = self.merged_network.pop_gate_weights()
+        weights = self.loss.pop_gate_weights()
         if weights is None:
             return
         labels = {int(v): k for k, v in self.dataset_json["labels"].items() if k != "ignore"}

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import math
 import pydoc
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import torch
 from torch import nn
 
 __all__ = ["MERGED_NETWORK_CLASS", "SELECTIONS", "build_expert", "map_labels_by_name", "LabelGate",
-           "MergedExpertsNet"]
+           "MergedExpertsNet", "MergedOutput"]
 
 MERGED_NETWORK_CLASS = "moe_nnunet.networks.merged.MergedExpertsNet"
 SELECTIONS = ("soft", "topk", "threshold")
@@ -115,6 +115,12 @@ class LabelGate(nn.Module):
         return logits.view(h.shape[0], self.num_labels, self.num_experts, *h.shape[2:])
 
 
+class MergedOutput(NamedTuple):
+    """What `MergedExpertsNet` returns in training (in eval it returns the logits alone, as nnU-Net expects)."""
+    logits: torch.Tensor        # (B, L, *S) log merged probabilities
+    gate_weights: torch.Tensor  # (L, E) this batch's mean selected weight per label and expert, detached
+
+
 class MergedExpertsNet(nn.Module):
     """Frozen expert segmentation networks joined by a trainable per-label gate (SAM-Med3D-MoE in nnU-Net).
 
@@ -122,7 +128,10 @@ class MergedExpertsNet(nn.Module):
     always in eval mode). Expert e predicts K_e labels, which `output_labels` places among the L labels of the
     union. For every label l of the union, the gate gives softmax weights over the experts that predict l, and
     the merged probability is `q_l = sum_e w[l, e] * p_e[l]`, renormalised over the labels; the network returns
-    log q, valid logits (softmax gives q back). With one expert, q is that expert's output.
+    log q, valid logits (softmax gives q back). With one expert, q is that expert's output. In training the
+    network returns a `MergedOutput` (the logits and the batch's mean gate weights, which the trainer's loss
+    unpacks and logs), so that nothing is kept on the module during `forward` (no recompiling under
+    `torch.compile`).
 
     Background is predicted by every expert, but an expert that predicts only some labels means by background
     "none of MY labels". Its background counts only for the share that the general model (`general_expert`,
@@ -200,8 +209,6 @@ class MergedExpertsNet(nn.Module):
         self.selection, self.top_k, self.threshold = selection, int(top_k), float(threshold)
         num_probabilities = sum(len(own) for own in labels)
         self.gate = LabelGate(input_channels + num_probabilities, num_classes, len(experts), gate_hidden, conv_op)
-        self._weight_sum: torch.Tensor | None = None   # (L, E) gate weights summed over training steps
-        self._weight_steps = 0
 
     def train(self, mode: bool = True) -> "MergedExpertsNet":
         super().train(mode)
@@ -244,29 +251,18 @@ class MergedExpertsNet(nn.Module):
         grid = grid.index_copy(1, self.target, foreground)
         return torch.cat([background.unsqueeze(1), grid.view(b, -1, self.available.shape[1], *spatial)], 1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C, *S) -> log merged probabilities (B, L, *S), usable as logits."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor | MergedOutput:
+        """(B, C, *S) -> log merged probabilities (B, L, *S), usable as logits; in training a `MergedOutput`
+        holding them and the batch's mean gate weights (L, E)."""
         probabilities = self.expert_probabilities(x)
         with torch.autocast(x.device.type, enabled=False):  # the gate and the mixture in float32
             weights = self.gate_weights(x, probabilities)                               # (B, L, E, *S)
-            if self.training:
-                self._record(weights)
             merged = (weights * self.union_probabilities(probabilities)).sum(2)         # (B, L, *S)
             merged = merged / merged.sum(1, keepdim=True).clamp_min(_EPS)
-            return merged.clamp_min(_EPS).log()
-
-    def _record(self, weights: torch.Tensor) -> None:
-        mean = weights.detach().mean(dim=(0, *range(3, weights.ndim)))                   # (L, E)
-        self._weight_sum = mean if self._weight_sum is None else self._weight_sum + mean
-        self._weight_steps += 1
-
-    def pop_gate_weights(self) -> torch.Tensor | None:
-        """Mean selected weight per (label, expert) over the training steps since the last call, (L, E)."""
-        if self._weight_sum is None:
-            return None
-        mean = self._weight_sum / self._weight_steps
-        self._weight_sum, self._weight_steps = None, 0
-        return mean
+            logits = merged.clamp_min(_EPS).log()
+        if not self.training:
+            return logits
+        return MergedOutput(logits, weights.detach().mean(dim=(0, *range(3, weights.ndim))))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Activations for nnU-Net's memory estimate: the experts' (where they report them) plus the gate's."""
