@@ -28,13 +28,18 @@ DEMO_SCHEDULE = {"num_epochs": 6, "num_iterations_per_epoch": 10, "num_val_itera
 
 
 class _Scheduled:
-    """Mixin: apply the class's `SCHEDULE` after the trainer's own `__init__`."""
+    """Mixin: apply the class's `SCHEDULE` after the trainer's own `__init__`. Every key must name an attribute
+    the trainer already has (a misspelt key would otherwise add an attribute nothing reads)."""
     SCHEDULE: dict = {}
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         for name, value in self.SCHEDULE.items():
+            if not hasattr(self, name):
+                raise ValueError(f"{type(self).__name__}.SCHEDULE sets {name!r}, which is not an attribute of the "
+                                 f"trainer (misspelt?); use one that its __init__ sets, such as num_epochs or "
+                                 f"num_iterations_per_epoch.")
             setattr(self, name, value)
 
 
