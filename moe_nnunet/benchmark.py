@@ -37,7 +37,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+from moe_nnunet.training import MoETrainingLoss
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
 from moe_nnunet.bench_references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
                                          swinunetr_unavailable)
@@ -315,19 +317,31 @@ def _attention_flops(backward: bool) -> Callable[..., int]:
     return count
 
 
-# torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one that SDPA picks with a mask
-_CPU_ATTENTION_FLOPS = {
+def _conv_backward_flops(grad_out_shape: Any, x_shape: Any, w_shape: Any, _bias: Any, _stride: Any, _padding: Any,
+                         _dilation: Any, transposed: bool, _output_padding: Any, _groups: Any, output_mask: Any,
+                         out_shape: Any = None, **kwargs: Any) -> int:
+    """A convolution's backward: the input gradient and the weight gradient each cost one forward. (torch's own
+    formula counts the weight gradient of a grouped convolution as if it were ungrouped, `groups` times too
+    much, which would make grouped experts look several times costlier than they are.)"""
+    forward = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return forward * (int(bool(output_mask[0])) + int(bool(output_mask[1])))
+
+
+# torch's FlopCounterMode knows the CUDA attention kernels but not the CPU one that SDPA picks with a mask, and
+# miscounts grouped convolutions' backward
+_FLOP_FORMULAS = {
     op: _attention_flops(backward) for op, backward in (
         (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None), False),
         (getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None), True))
     if op is not None}
+_FLOP_FORMULAS[torch.ops.aten.convolution_backward] = _conv_backward_flops
 
 
 
 
 def _flop_counter() -> FlopCounterMode:
-    # module paths up to six names long, root included: down to encoder.experts.<i>.stages.<s>
-    return FlopCounterMode(depth=6, display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
+    # module paths up to six names long, root included: down to encoder.experts.stages.<s>.<block>
+    return FlopCounterMode(depth=6, display=False, custom_mapping=_FLOP_FORMULAS)
 
 
 def _module_names(counts: dict[str, dict[Any, int]]) -> dict[str, int]:
@@ -370,7 +384,7 @@ class _Runner:
     """One network with its input, random targets, nnU-Net loss and optimizer; times one step at a time."""
 
     def __init__(self, spec: NetworkSpec, patch: Sequence[int], batch_size: int, batch_dice: bool,
-                 device: torch.device, bf16: bool, net: nn.Module | None = None) -> None:
+                 device: torch.device, bf16: bool, net: nn.Module | None = None, curriculum: bool = False) -> None:
         self.spec, self.device, self.bf16 = spec, device, bf16
         if net is None:
             with device:  # parameters are made where they will live
@@ -385,7 +399,13 @@ class _Runner:
         shapes = _deep_supervision_shapes(patch, strides) if strides else [list(patch)]
         self.targets = [torch.randint(0, spec.num_classes, (batch_size, 1, *shape), device=device)
                         for shape in shapes]
-        self.loss = _nnunet_loss(len(self.targets), batch_dice)
+        # nnU-Net's loss; for our network (a dict in training) also the router losses and, during the expert
+        # curriculum (`curriculum`), each expert's own loss through its head, as our trainers compute them
+        ds_loss = _nnunet_loss(len(self.targets), batch_dice)
+        self.loss = MoETrainingLoss(ds_loss, ds_loss.loss)
+        if curriculum and hasattr(self.net, "expert_heads_active"):
+            self.net.expert_heads_active = True
+            self.loss.mixture_weight = 0.5
         # nnU-Net's optimizer (nnUNetTrainer.configure_optimizers)
         self.optimizer = torch.optim.SGD(self.net.parameters(), 1e-2, weight_decay=3e-5, momentum=0.99,
                                          nesterov=True)
@@ -405,10 +425,7 @@ class _Runner:
         """Forward, nnU-Net's deep-supervision loss, plus the network's auxiliary (router) loss if it has one."""
         with self._autocast():
             output = self.model(self.x)
-            loss = self.loss(output if isinstance(output, (list, tuple)) else [output], self.targets)
-            if hasattr(self.net, "auxiliary_loss"):
-                loss = loss + self.net.auxiliary_loss()
-        return loss
+            return self.loss(output if isinstance(output, (list, tuple, dict)) else [output], self.targets)
 
     def _begin(self) -> float:
         if self.device.type == "cuda":
@@ -854,10 +871,10 @@ def _our_parts(ours: dict[str, Any]) -> list[str]:
     """Where our network's forward FLOPs and parameters sit: experts (per stage), gates, decoder."""
     flops, params = ours.get("inference_flops_by_module", {}), ours.get("params_by_part", {})
     depths = ours["arch_kwargs"].get("swin_depths", [])
-    rows = [("experts, all", flops.get("encoder.experts.*"), params.get("encoder.experts"))]
+    rows = [("experts, all", flops.get("encoder.experts"), params.get("encoder.experts"))]
     for s, depth in enumerate(depths):
         kind = f"Swin, {depth} blocks" if depth else "conv"
-        rows.append((f"  stage {s} ({kind})", flops.get(f"encoder.experts.*.stages.{s}"), None))
+        rows.append((f"  stage {s} ({kind})", flops.get(f"encoder.experts.stages.{s}"), None))
     gates = [v for k, v in flops.items() if k.startswith("encoder.gates.") and k.count(".") == 2]
     rows += [("gates", sum(gates) if gates else None, params.get("encoder.gates")),
              ("expert heads (curriculum only)", None, params.get("encoder.heads")),

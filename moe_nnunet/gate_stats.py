@@ -174,12 +174,14 @@ class ValidationGateRecorder:
 
     Args:
         network: the network nnU-Net calls (possibly wrapped by DDP / torch.compile).
-        gates: the gate modules, in scale order.
+        moe_network: the M4oE network itself; it keeps the mean gate weights of each eval forward while
+            recording (`record_gate_means`).
         expert_names: E names.
     """
 
-    def __init__(self, network: nn.Module, gates: Sequence[nn.Module], expert_names: Sequence[str]) -> None:
-        self.gates = list(gates)
+    def __init__(self, network: nn.Module, moe_network: nn.Module, expert_names: Sequence[str]) -> None:
+        self.moe_network = moe_network
+        moe_network.record_gate_means = True
         self.expert_names = list(expert_names)
         self.cases: dict[str, dict] = {}
         self._current: str | None = None
@@ -190,7 +192,7 @@ class ValidationGateRecorder:
     def _after_forward(self, module, args, output) -> None:
         if self._current is None:
             return
-        means = torch.stack([g.mean_weights.float() for g in self.gates]).detach()
+        means = self.moe_network.last_gate_means.float()
         self._sums = means if self._sums is None else self._sums + means
         self._patches += 1
 
@@ -220,6 +222,8 @@ class ValidationGateRecorder:
     def close(self) -> None:
         self._finish_case()
         self._handle.remove()
+        self.moe_network.record_gate_means = False
+        self.moe_network.last_gate_means = None
 
     def save(self, path: str | os.PathLike) -> None:
         with open(path, "w") as f:

@@ -50,12 +50,14 @@ def training_memory_in_planner_units(spec, patch_size, ref_value: float | None =
                                      ref_batch_size: int | None = None, ref_gb: float | None = None) -> float:
     """Our planner's estimate: the simulated peak of a 16-bit AdamW training step at nnU-Net's reference
     batch size, in nnU-Net's units (a plan fits when it is at most the reference value scaled to the
-    GPU-memory target). The reference defaults are nnU-Net's (`NNUNET_REFERENCE`)."""
+    GPU-memory target). It is a step of the expert curriculum, whose expert heads make it the larger of
+    the two phases. The reference defaults are nnU-Net's (`NNUNET_REFERENCE`)."""
     ref = NNUNET_REFERENCE[len(patch_size)]
     ref_value = ref["value"] if ref_value is None else ref_value
     ref_batch_size = ref["batch_size"] if ref_batch_size is None else ref_batch_size
     ref_gb = ref["gb"] if ref_gb is None else ref_gb
-    peak = simulate_training_memory(spec, patch_size, ref_batch_size, bf16=True, optimizer="adamw").peak_bytes
+    peak = simulate_training_memory(spec, patch_size, ref_batch_size, bf16=True, optimizer="adamw",
+                                    curriculum=True).peak_bytes
     return peak / (ref_gb * GIB) * ref_value
 
 
@@ -239,7 +241,7 @@ def fake_network(spec, mode) -> nn.Module:
 
 
 def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = True, batch_dice: bool = False,
-                             optimizer: str = "sgd", depth: int = 3) -> MemoryEstimate:
+                             optimizer: str = "sgd", depth: int = 3, curriculum: bool = False) -> MemoryEstimate:
     """Peak memory of nnU-Net training steps of one network, on fake tensors (see the module docstring).
 
     Args:
@@ -250,6 +252,7 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
         batch_dice: nnU-Net's batch Dice (does not change the memory noticeably).
         optimizer: "sgd" (nnU-Net's, as the benchmark) or "adamw" (our trainers': one more buffer per parameter).
         depth: module-name parts kept in `by_part`.
+        curriculum: a step of the expert curriculum (our network's expert heads and their losses live).
     Returns:
         `MemoryEstimate` of a training step after the first (the optimizer's state exists).
     """
@@ -263,7 +266,8 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
     mode = FakeTensorMode()
     net = fake_network(spec, mode)
     with mode:
-        runner = _Runner(spec, list(patch_size), batch_size, batch_dice, torch.device("cpu"), bf16, net=net)
+        runner = _Runner(spec, list(patch_size), batch_size, batch_dice, torch.device("cpu"), bf16, net=net,
+                         curriculum=curriculum)
         if optimizer == "adamw":
             runner.optimizer = torch.optim.AdamW(runner.net.parameters(), lr=1e-4, weight_decay=1e-2,
                                                  foreach=True)

@@ -8,6 +8,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.lr_scheduler import _LRScheduler
 
+from moe_nnunet.networks.swin import ExpertLayerNorm
+
+_NORMS = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, ExpertLayerNorm)
+
 __all__ = ["MoETrainingLoss", "adamw_param_groups", "WarmupPolyLRScheduler", "sample_modality_dropout",
            "allow_unused_parameters"]
 
@@ -38,32 +42,35 @@ class MoETrainingLoss(nn.Module):
 
     `loss = w * L(mixture) + (1 - w) * mean_e L(expert_e) + router losses`, where `mixture_weight` w is set by
     the trainer each epoch (0 -> experts learn their own modality, 1 -> the gated mixture alone;
-    MoME's curriculum). Expert logits and router losses are read from the network after its forward pass,
-    so the network's `forward` keeps returning logits only.
+    MoME's curriculum). In training the network returns a dict (`M4oEUNet.forward`): logits, router losses
+    and the experts' own logits all reach the loss through the network's output, so DDP and torch.compile
+    see one graph. In eval it returns plain logits, which get nnU-Net's loss alone.
 
     An expert learns only from the samples it is responsible for: `expert_mask` ((B, E) bool, set by the
     trainer for each batch; None = all) excludes the samples whose modality was dropped or, across
     datasets, the cases of other modalities.
 
+    After each training call, `last_gate` holds the output's detached gate statistics ("gate_means",
+    "gate_weights") for the trainer's gate report.
+
     Args:
         mixture_loss: nnU-Net's loss (deep-supervision wrapped or not) for the network output.
         expert_loss: loss for one full-resolution logit map (the unwrapped nnU-Net loss).
-        network: the MoE network (not registered as a submodule); must offer `auxiliary_loss()` and
-            `pop_expert_logits()`.
     """
 
-    def __init__(self, mixture_loss: nn.Module, expert_loss: nn.Module, network: nn.Module) -> None:
+    def __init__(self, mixture_loss: nn.Module, expert_loss: nn.Module) -> None:
         super().__init__()
         self.mixture_loss = mixture_loss
         self.expert_loss = expert_loss
-        self._network = (network,)
         self.mixture_weight = 1.0
         self.expert_mask: torch.Tensor | None = None
+        self.last_gate: dict[str, torch.Tensor] = {}
 
-    def experts_term(self, expert_logits: Sequence[torch.Tensor], target: torch.Tensor) -> torch.Tensor:
-        """Mean over experts of each expert's loss on the samples it is responsible for."""
+    def experts_term(self, expert_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Mean over experts of each expert's loss ((B, E, K, *S) logits) on the samples it is responsible for."""
         losses = []
-        for e, logits in enumerate(expert_logits):
+        for e in range(expert_logits.shape[1]):
+            logits = expert_logits[:, e]
             if self.expert_mask is None:
                 losses.append(self.expert_loss(logits, target))
                 continue
@@ -71,38 +78,44 @@ class MoETrainingLoss(nn.Module):
             if rows.numel():
                 rows = rows.to(logits.device)
                 losses.append(self.expert_loss(logits.index_select(0, rows), target.index_select(0, rows)))
-        if not losses:
-            return torch.zeros((), device=target.device)
+        if not losses:  # no expert is responsible for any sample: a zero that keeps the heads in the graph
+            return expert_logits.sum() * 0
         return sum(losses) / len(losses)
 
     def forward(self, output, target) -> torch.Tensor:
-        net = self._network[0]
-        if not net.training:
+        if not isinstance(output, dict):
             return self.mixture_loss(output, target)
-        expert_logits = net.pop_expert_logits()
+        self.last_gate = {"gate_means": output["gate_means"], "gate_weights": output["gate_weights"]}
+        expert_logits = output["expert_logits"]
         full_res = target[0] if isinstance(target, (list, tuple)) else target
-        if self.mixture_weight >= 1 or not expert_logits:
-            loss = self.mixture_loss(output, target)
-        elif self.mixture_weight <= 0:  # the experts alone (two-stage training, stage 1)
-            loss = self.experts_term(expert_logits, full_res)
+        if expert_logits is None or self.mixture_weight >= 1:
+            loss = self.mixture_loss(output["logits"], target)
+            if expert_logits is not None:  # heads computed but not weighted: keep them in the graph (DDP)
+                loss = loss + expert_logits.sum() * 0
+        elif self.mixture_weight <= 0:  # the experts alone; the mixture's logits stay in the graph (DDP)
+            logits = output["logits"] if isinstance(output["logits"], (list, tuple)) else [output["logits"]]
+            loss = self.experts_term(expert_logits, full_res) + sum(o.sum() for o in logits) * 0
         else:
-            loss = (self.mixture_weight * self.mixture_loss(output, target)
+            loss = (self.mixture_weight * self.mixture_loss(output["logits"], target)
                     + (1 - self.mixture_weight) * self.experts_term(expert_logits, full_res))
-        return loss + net.auxiliary_loss()
+        return loss + output["aux_loss"]
 
 
 def adamw_param_groups(model: nn.Module, weight_decay: float,
                        no_decay_names: Sequence[str] = ("relative_position_bias_table",),
                        lr_factors: dict[str, float] | None = None) -> list[dict]:
-    """Decay matrices and conv kernels only; norms, biases and position-bias tables are not decayed.
+    """Decay matrices and conv kernels only; norms (whatever their shape: the experts' layer norms are (E, C)),
+    biases and position-bias tables are not decayed.
 
     `lr_factors` maps a parameter-name fragment (e.g. "encoder.gates.") to a learning-rate factor; such
     parameters get groups of their own whose `lr_factor` `WarmupPolyLRScheduler` applies."""
+    norm_params = {id(p) for m in model.modules() if isinstance(m, _NORMS) for p in m.parameters(recurse=False)}
     groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        decay = not (p.ndim <= 1 or any(n in name for n in no_decay_names))
+        decay = not (p.ndim <= 1 or name.endswith(".bias") or id(p) in norm_params
+                     or any(n in name for n in no_decay_names))
         factor = next((f for fragment, f in (lr_factors or {}).items() if fragment in name), 1.0)
         groups.setdefault((decay, factor), []).append(p)
     return [{"params": params, "weight_decay": weight_decay if decay else 0.0, "lr_factor": factor}

@@ -53,12 +53,14 @@ def test_masked_experts_get_exactly_zero_weight_and_do_not_matter():
     net = _tiny_network().eval()
     x = torch.randn(2, 3, 16, 16, 16)
     present = torch.tensor([[True, False, True], [False, True, True]])
-    for gate in net.encoder.gates:
-        gate.keep_weights = True
+    weights = []
+    hooks = [gate.register_forward_hook(lambda m, a, out: weights.append(out[1])) for gate in net.encoder.gates]
     with torch.no_grad():
         out = net(x, present)
-        for gate in net.encoder.gates:
-            w = gate.weights
+        for h in hooks:
+            h.remove()
+        assert len(weights) == len(net.encoder.gates)
+        for w in weights:
             assert torch.equal(w[0, 1], torch.zeros_like(w[0, 1])) and torch.equal(w[1, 0], torch.zeros_like(w[1, 0]))
             torch.testing.assert_close(w.sum(1), torch.ones_like(w.sum(1)))
         # whatever the absent channel holds, the output is the same
@@ -66,10 +68,10 @@ def test_masked_experts_get_exactly_zero_weight_and_do_not_matter():
         y[0, 1] = torch.randn_like(y[0, 1]) * 100
         y[1, 0] = 0
         torch.testing.assert_close(net(y, present), out)
-        # the whole-batch mask used at inference skips the absent expert, same result as per-sample masking
+        # the whole-batch mask used at inference gives the same result as per-sample masking
         with net.experts_present(torch.tensor([True, False, True])):
-            skipped = net(x)
-        torch.testing.assert_close(skipped, net(x, torch.tensor([[True, False, True]] * 2)))
+            whole = net(x)
+        torch.testing.assert_close(whole, net(x, torch.tensor([[True, False, True]] * 2)))
 
 
 def test_every_expert_absent_is_refused():
@@ -200,7 +202,7 @@ def test_two_stage_training_chains_through_pretrained_weights(nnunet_env, planne
     assert "experts frozen" in log and "experts trained (learning-rate factor 0.1)" in log
     first = torch.load(weights, map_location="cpu", weights_only=False)["network_weights"]
     second = torch.load(gate / "checkpoint_final.pth", map_location="cpu", weights_only=False)["network_weights"]
-    key = next(k for k in first if k.startswith("encoder.experts.0.") and k.endswith("weight"))
+    key = next(k for k in first if k.startswith("encoder.experts.") and k.endswith("weight"))
     assert not torch.equal(first[key], second[key]), "experts were not fine-tuned in the second part"
     assert (gate / "validation" / "summary.json").is_file()
 
@@ -243,3 +245,35 @@ def test_routing_targets_follow_the_case_tags():
     assert nnUNetTrainerM4oE.route_targets(other, ["PET_a"]) is None     # no case with an expert: no loss
     with pytest.raises(RuntimeError, match="moe_nnunet combine"):
         nnUNetTrainerM4oE.route_targets(trainer(tags), ["unknown_case"])
+
+
+def test_stage_one_case_whose_tag_matches_no_expert_trains_finite():
+    """Stage 1 routes each case to the expert of its tag; a case whose tag matches no expert would leave the
+    gate a softmax over nothing (NaN, which a GradScaler would silently skip). It gets every expert in the gate
+    and no expert's own loss instead, and the step's loss and gradients are finite."""
+    from types import SimpleNamespace
+
+    from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
+    from moe_nnunet.training import MoETrainingLoss
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+
+    net = _tiny_network().train()
+    net.expert_names[:] = ["CT", "MRI", "PET"]
+    t = SimpleNamespace(case_modality={"CT_a": "CT", "US_b": "US"}, moe_network=net)
+    t.own_modality = lambda keys: nnUNetTrainerM4oE.own_modality(t, keys)
+    keep = torch.tensor([[True, True, True], [True, True, True]])
+    _, responsible = nnUNetTrainerM4oE.experts_for_batch(t, keep, ["CT_a", "US_b"])
+    present = responsible  # stage 1 (nnUNetTrainerM4oEExperts): only the case's own expert
+    assert responsible.tolist() == [[True, False, False], [False, False, False]]
+    gate = nnUNetTrainerM4oE.gate_mask(present)
+    assert gate.tolist() == [[True, False, False], [True, True, True]]
+    inner = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {})
+    loss_fn = MoETrainingLoss(inner, inner)
+    loss_fn.mixture_weight, loss_fn.expert_mask = 0.5, responsible
+    net.expert_heads_active = True
+    net.decoder.deep_supervision = False
+    with net.routing(gate, torch.tensor([0, -1])):
+        loss = loss_fn(net(torch.randn(2, 3, 16, 16, 16)), torch.randint(0, 3, (2, 1, 16, 16, 16)).float())
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -42,27 +44,45 @@ def build(name: str, deep_supervision: bool, num_classes: int = 3, **overrides) 
     return net, patch
 
 
+def train_output(net: nn.Module, x: torch.Tensor, **kwargs) -> dict:
+    net.train()
+    out = net(x, **kwargs)
+    assert isinstance(out, dict)
+    return out
+
+
 @pytest.mark.parametrize("name", list(CASES))
 @pytest.mark.parametrize("deep_supervision", [True, False])
 def test_output_shapes(name, deep_supervision):
+    """Eval: logits exactly as nnU-Net expects (a list highest resolution first with deep supervision).
+    Training: the same logits inside the output dict, plus the gate statistics."""
     torch.manual_seed(0)
     net, patch = build(name, deep_supervision)
     x = torch.randn(2, CASES[name][2], *patch)
-    out = net(x)
-    if deep_supervision:
-        strides = CASES[name][1]
-        assert isinstance(out, list) and len(out) == len(strides) - 1
-        size = list(patch)
-        for o, stride in zip(out, strides):  # highest resolution first
-            size = [s // k for s, k in zip(size, stride)]
-            assert list(o.shape) == [2, 3, *size]
-    else:
-        assert list(out.shape) == [2, 3, *patch]
-        assert torch.isfinite(out).all()
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+    train = train_output(net, x)
+    for logits in (out, train["logits"]):
+        if deep_supervision:
+            strides = CASES[name][1]
+            assert isinstance(logits, list) and len(logits) == len(strides) - 1
+            size = list(patch)
+            for o, stride in zip(logits, strides):  # highest resolution first
+                size = [s // k for s, k in zip(size, stride)]
+                assert list(o.shape) == [2, 3, *size]
+        else:
+            assert list(logits.shape) == [2, 3, *patch]
+            assert torch.isfinite(logits).all()
+    e = CASES[name][2]
+    assert train["gate_means"].shape == (len(CASES[name][1]), e)
+    assert train["gate_weights"].shape == (2, e, *patch) and not train["gate_weights"].requires_grad
+    assert train["expert_logits"] is None and train["aux_loss"].ndim == 0
 
 
 def test_patch_not_multiple_of_window_is_padded():
     net, _ = build("3d_aniso", False, window_sizes=[[7, 7, 7]] * 4)
+    net.eval()
     out = net(torch.randn(1, 3, 12, 40, 24))
     assert out.shape[2:] == (12, 40, 24) and torch.isfinite(out).all()
 
@@ -71,14 +91,76 @@ def test_patch_not_multiple_of_window_is_padded():
 def test_every_parameter_gets_a_gradient(name):
     torch.manual_seed(0)
     net, patch = build(name, True)
-    net.train()
-    net.encoder.expert_heads_active = True
-    out = net(torch.randn(2, CASES[name][2], *patch))
-    loss = sum(o.square().mean() for o in out) + net.auxiliary_loss()
-    loss = loss + sum(lg.square().mean() for lg in net.pop_expert_logits())
+    net.expert_heads_active = True
+    out = train_output(net, torch.randn(2, CASES[name][2], *patch))
+    assert out["expert_logits"].shape == (2, CASES[name][2], 3, *patch)
+    loss = sum(o.square().mean() for o in out["logits"]) + out["aux_loss"] + out["expert_logits"].square().mean()
     loss.backward()
     missing = [n for n, p in net.named_parameters() if p.grad is None or not torch.isfinite(p.grad).all()]
     assert not missing, missing
+
+
+def _slice_expert(batched: torch.Tensor, single: torch.Tensor, e: int) -> torch.Tensor:
+    """Expert e's part of a batched parameter: the first axis that is E times the single expert's."""
+    for axis, (nb, ns) in enumerate(zip(batched.shape, single.shape)):
+        if nb != ns:
+            return batched.narrow(axis, e * ns, ns)
+    return batched
+
+
+def test_batched_experts_equal_separate_experts():
+    """E experts as one grouped module compute exactly what E separate single-expert encoders compute with the
+    same weights (float64): conv stages, Swin stages with shifted windows, and the experts' heads."""
+    from moe_nnunet.networks.experts import ExpertEncoders, ExpertHeads
+
+    torch.manual_seed(0)
+    patch, strides, channels = CASES["3d_aniso"]
+    kw = m4oe_arch_kwargs(patch, conv_kwargs(3, strides), channels)
+    settings = dict(features_per_stage=kw["expert_features_per_stage"], strides=strides,
+                    kernel_sizes=kw["kernel_sizes"], n_conv_per_stage=kw["n_conv_per_stage"],
+                    swin_depths=kw["swin_depths"], num_heads=kw["num_heads"], window_sizes=kw["window_sizes"],
+                    conv_op=nn.Conv3d, conv_bias=True, norm_op=nn.InstanceNorm3d,
+                    norm_op_kwargs={"eps": 1e-5, "affine": True}, nonlin=nn.LeakyReLU, nonlin_kwargs={})
+    assert any(kw["swin_depths"]) and not all(kw["swin_depths"])
+    batched = ExpertEncoders(expert_channels=[[0], [1], [2]], **settings).double().eval()
+    heads = ExpertHeads(3, kw["expert_features_per_stage"], 2, nn.Conv3d).double()
+    for p in [*batched.parameters(), *heads.parameters()]:
+        nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 3, *patch, dtype=torch.float64)
+    with torch.no_grad():
+        features = batched(x)
+        logits = heads(features)
+        for e in range(3):
+            single = ExpertEncoders(expert_channels=[[0]], **settings).double().eval()
+            single_heads = ExpertHeads(1, kw["expert_features_per_stage"], 2, nn.Conv3d).double()
+            for module, source in ((single, batched), (single_heads, heads)):
+                state = source.state_dict()
+                module.load_state_dict({k: _slice_expert(state[k], v, e) for k, v in module.state_dict().items()})
+            own = single(x[:, e:e + 1])
+            for f, o in zip(features, own):
+                c = o.shape[1]
+                torch.testing.assert_close(f[:, e * c:(e + 1) * c], o)
+            torch.testing.assert_close(logits[:, e], single_heads(own)[:, 0])
+
+
+def test_first_layout_checkpoint_is_converted_on_loading():
+    """A checkpoint written with one module per expert (version 0.1, tests/data) loads into the batched network
+    with a warning and predicts what it predicted then, with all modalities and with one masked."""
+    saved = torch.load(Path(__file__).parent / "data" / "m4oe_v0_1_checkpoint.pth", weights_only=True)
+    net = get_network_from_plans(M4OE_NETWORK_CLASS, saved["arch_kwargs"], REQ_IMPORT, 2, 3,
+                                 deep_supervision=False)
+    with pytest.warns(UserWarning, match="per-expert layout of moe_nnunet 0.1"):
+        net.load_state_dict(saved["state_dict"])
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(net(saved["x"]), saved["y"], atol=1e-4, rtol=1e-4)
+        with net.experts_present(torch.tensor([True, False])):
+            torch.testing.assert_close(net(saved["x"]), saved["y_missing_t2"], atol=1e-4, rtol=1e-4)
+
+
+def gate_input(per_expert: list[torch.Tensor]) -> torch.Tensor:
+    """E tensors (B, C, *S) -> the gate's (B, E*C, *S)."""
+    return torch.cat(per_expert, 1)
 
 
 def test_gate_weights_sum_to_one_and_respect_mask():
@@ -90,15 +172,15 @@ def test_gate_weights_sum_to_one_and_respect_mask():
     unit = [torch.zeros(2, 4, 3, 5, 6) for _ in range(3)]
     for e in range(3):
         unit[e][:, e] = 1.0
-    fused = gate(unit, present)
-    weights = fused[:, :3]
+    fused, weights, _ = gate(gate_input(unit), present)
+    torch.testing.assert_close(fused[:, :3], weights)
     torch.testing.assert_close(weights.sum(1), torch.ones(2, 3, 5, 6))
     assert (weights[0, 1] == 0).all() and (weights[1, :2] == 0).all() and (weights[1, 2] == 1).all()
 
 
 def test_gate_is_a_router_over_the_concatenated_features():
-    """The per-expert sum inside the gate is the 1x1 router over all experts' concatenated features (absent
-    experts zeroed, their weight 0), followed by a softmax over experts and the weighted sum."""
+    """The 1x1 router over all experts' concatenated features (absent experts zeroed, their weight 0),
+    followed by a softmax over experts and the weighted sum."""
     torch.manual_seed(0)
     gate = ExpertGate(4, 3, nn.Conv3d, hidden=8).double()
     nn.init.normal_(gate.logits.weight)
@@ -109,8 +191,8 @@ def test_gate_is_a_router_over_the_concatenated_features():
     logits = gate.logits(F.gelu(gate.hidden(concatenated))).masked_fill(~mask, float("-inf"))
     weights = torch.softmax(logits, dim=1)
     expected = sum(weights[:, e:e + 1] * features[e] for e in range(3))
-    torch.testing.assert_close(gate(features, present), expected)
-    torch.testing.assert_close(gate(features), sum(torch.softmax(gate.logits(F.gelu(gate.hidden(
+    torch.testing.assert_close(gate(gate_input(features), present)[0], expected)
+    torch.testing.assert_close(gate(gate_input(features))[0], sum(torch.softmax(gate.logits(F.gelu(gate.hidden(
         torch.cat(features, 1)))), 1)[:, e:e + 1] * features[e] for e in range(3)))
 
 
@@ -118,37 +200,32 @@ def test_routing_loss_teaches_the_gate_each_samples_expert():
     """Two modalities whose features differ in content: with the routing loss alone the gate learns to give
     each sample's tokens to the expert of its tag, and it then routes by content, with no tag (eval)."""
     torch.manual_seed(0)
-    gate = ExpertGate(2, 2, nn.Conv3d, hidden=8)
+    gate = ExpertGate(2, 2, nn.Conv3d, hidden=8, balance_loss_weight=0.0, z_loss_weight=0.0)
     gate.reset_router()
     x = torch.randn(4, 1, 3, 4, 4)
     x[:2] += 2.0                                                  # samples 0, 1 look different (e.g. CT)
-    features = [torch.cat([x, x], 1), torch.cat([x, -x], 1)]      # what each expert makes of them
+    features = gate_input([torch.cat([x, x], 1), torch.cat([x, -x], 1)])  # what each expert makes of them
     target = torch.tensor([0, 0, 1, 1])
     opt = torch.optim.Adam(gate.parameters(), lr=0.05)
-    gate.train()
-    gate.route_weight = 1.0
     for _ in range(200):
-        gate.route_target = target
-        gate(features)
+        _, _, logits = gate(features)
+        loss = gate.router_losses(logits, route_target=target, route_weight=1.0)
         opt.zero_grad()
-        gate.aux_loss.backward()
+        loss.backward()
         opt.step()
-    gate.route_target = None
-    gate.eval()
-    gate.keep_weights = True
-    gate(features)
-    per_sample = gate.weights.mean(dim=(2, 3, 4))                 # (B, E)
+    with torch.no_grad():
+        per_sample = gate(features)[1].mean(dim=(2, 3, 4))        # (B, E)
     assert (per_sample[torch.arange(4), target] > 0.7).all(), per_sample        # even split: 0.5
     # samples without a tag (-1) add nothing: the routing loss is that of the tagged samples alone
-    gate.train()
-    gate.balance_loss_weight = gate.z_loss_weight = 0.0
-    gate.route_target = torch.tensor([0, -1, -1, 1])
-    gate(features)
-    partial = gate.aux_loss
-    gate.route_target = torch.tensor([0, 1])
-    gate([f[[0, 3]] for f in features])
-    torch.testing.assert_close(partial, gate.aux_loss)
+    _, _, logits = gate(features)
+    partial = gate.router_losses(logits, route_target=torch.tensor([0, -1, -1, 1]), route_weight=1.0)
+    _, _, logits = gate(features[[0, 3]])
+    torch.testing.assert_close(partial, gate.router_losses(logits, route_target=torch.tensor([0, 1]),
+                                                           route_weight=1.0))
     assert partial.item() > 0
+    # no sample tagged: zero, not NaN
+    none = gate.router_losses(logits, route_target=torch.tensor([-1, -1]), route_weight=1.0)
+    assert none.item() == 0
 
 
 def test_top_k_keeps_k_experts():
@@ -158,7 +235,7 @@ def test_top_k_keeps_k_experts():
     unit = [torch.zeros(1, 4, 6, 6) for _ in range(4)]
     for e in range(4):
         unit[e][:, e] = 1.0
-    weights = gate(unit)
+    _, weights, _ = gate(gate_input(unit))
     assert ((weights > 0).sum(1) == 2).all()
     torch.testing.assert_close(weights.sum(1), torch.ones(1, 6, 6))
 
@@ -168,20 +245,18 @@ def test_bad_top_k_is_a_clear_error():
         ExpertGate(4, 2, nn.Conv2d, top_k=3)
 
 
-def test_auxiliary_losses_positive_in_training_zero_in_eval():
+def test_auxiliary_losses_positive_in_training_absent_in_eval():
     net, patch = build("2d", True)
     x = torch.randn(2, 2, *patch)
-    net.train()
-    net(x)
-    assert net.auxiliary_loss().item() > 0
+    assert train_output(net, x)["aux_loss"].item() > 0
     net.eval()
     with torch.no_grad():
-        net(x)
-    assert net.auxiliary_loss().item() == 0
+        assert isinstance(net(x), list)  # plain logits: nothing else leaves forward in eval
 
 
 def test_absent_expert_does_not_change_the_output():
-    """With channel 1's expert masked, whatever that channel holds cannot reach the prediction."""
+    """With channel 1's expert masked, whatever that channel holds cannot reach the prediction, and the gate
+    gives that expert zero weight."""
     torch.manual_seed(0)
     net, patch = build("2d", False)
     net.eval()
@@ -192,6 +267,8 @@ def test_absent_expert_does_not_change_the_output():
     with torch.no_grad():
         torch.testing.assert_close(net(x, present), net(y, present))
         assert not torch.allclose(net(x), net(y))
+    out = train_output(net, x, present=present)
+    assert (out["gate_weights"][:, 1] == 0).all() and (out["gate_means"][:, 1] == 0).all()
 
 
 def test_plans_survive_json_and_stock_builder_makes_the_same_network():
@@ -241,7 +318,7 @@ def test_window_partition_round_trip_and_mask():
     assert w.shape == (2, 2 * 2 * 2, 24, 5)
     torch.testing.assert_close(window_reverse(w, (3, 4, 2), (6, 8, 4)), x)
     # a 5-long axis padded to 6 with window 3, shifted by 1: real tokens never see the padding token
-    mask = _window_attention_mask([5], [6], [3], [1], torch.device("cpu"))
+    mask = _window_attention_mask((5,), (6,), (3,), (1,), torch.device("cpu"))
     padded_index_after_roll = (5 - 1) % 6
     rows = window_partition(torch.arange(6).view(1, 6, 1), (3,))[0, :, :, 0]
     for win in range(mask.shape[0]):
@@ -254,24 +331,30 @@ def test_window_partition_round_trip_and_mask():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_window_attention_is_softmax_of_scores_plus_bias(masked):
-    """The SDPA path (bias broadcast over windows, or combined with a per-window mask) computes
-    softmax(q k^T / sqrt(d) + bias + mask) v window by window, and the bias table gets the gradient."""
+    """The SDPA path (each expert's heads side by side, bias broadcast over windows, or combined with a
+    per-window mask) computes softmax(q k^T / sqrt(d) + bias + mask) v window by window and expert by expert,
+    and the bias table gets the gradient."""
     torch.manual_seed(0)
-    attn = WindowAttention(8, 2, (2, 3, 2)).double()
+    e, h, c = 2, 2, 8
+    attn = WindowAttention(c, h, (2, 3, 2), num_experts=e).double()
     nn.init.normal_(attn.relative_position_bias_table)
     window, (b, nw, n) = (2, 3, 2), (2, 3, 12)
-    x = torch.randn(b, nw, n, 8, dtype=torch.double)
+    x = torch.randn(e * b, nw, n, c, dtype=torch.double)
     mask = torch.rand(nw, n, n) > 0.3 if masked else None
     if mask is not None:
         mask |= torch.eye(n, dtype=torch.bool)                          # every token sees itself
     out = attn(x, window, mask)
-    q, k, v = attn.qkv(x).view(b, nw, n, 3, 2, 4).permute(3, 0, 1, 4, 2, 5)   # (B, nW, h, N, hd)
-    index = attn.relative_position_index(window, x.device).view(-1)
-    scores = q @ k.transpose(-1, -2) / 2.0 + attn.relative_position_bias_table[index].view(n, n, 2).permute(2, 0, 1)
-    if mask is not None:
-        scores = scores.masked_fill(~mask[None, :, None], float("-inf"))
-    reference = attn.proj((scores.softmax(-1) @ v).transpose(2, 3).reshape(b, nw, n, 8))
-    torch.testing.assert_close(out, reference)
+    table = attn.relative_position_bias_table[attn.relative_position_index].view(n, n, e, h)
+    for expert in range(e):
+        xe = x[expert * b:(expert + 1) * b]
+        qkv = xe @ attn.qkv.weight[expert] + attn.qkv.bias[expert]
+        q, k, v = qkv.view(b, nw, n, 3, h, c // h).permute(3, 0, 1, 4, 2, 5)   # (B, nW, h, N, hd)
+        scores = q @ k.transpose(-1, -2) / 2.0 + table[:, :, expert].permute(2, 0, 1)
+        if mask is not None:
+            scores = scores.masked_fill(~mask[None, :, None], float("-inf"))
+        merged = (scores.softmax(-1) @ v).transpose(2, 3).reshape(b, nw, n, c)
+        reference = merged @ attn.proj.weight[expert] + attn.proj.bias[expert]
+        torch.testing.assert_close(out[expert * b:(expert + 1) * b], reference)
     out.square().sum().backward()
     assert attn.relative_position_bias_table.grad.abs().sum() > 0
 
@@ -287,15 +370,97 @@ def test_shift_is_disabled_when_the_window_covers_the_map():
     torch.testing.assert_close(y, z(x))
 
 
+def _training_step(model, net, x, target, present, route, optimizer, scaler=None, dtype=None):
+    """One step as nnU-Net's `train_step` with our loss: forward under the trainer's routing context, loss,
+    backward (scaled with a GradScaler), clip, step."""
+    from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+    from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+    from moe_nnunet.training import MoETrainingLoss
+
+    inner = DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {})
+    n = len(target)
+    loss_fn = MoETrainingLoss(DeepSupervisionWrapper(inner, [1 / 2 ** i for i in range(n - 1)] + [0]), inner)
+    loss_fn.mixture_weight = 0.5
+    loss_fn.expert_mask = present
+    optimizer.zero_grad(set_to_none=True)
+    with net.routing(present, route), torch.autocast("cpu", dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = loss_fn(model(x), target)
+    if scaler is None:
+        loss.backward()
+    else:
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 12)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    return loss.detach()
+
+
+def _targets(name: str, batch: int) -> list[torch.Tensor]:
+    patch, strides, _ = CASES[name]
+    size, out = list(patch), []
+    for stride in strides[:-1]:
+        size = [s // k for s, k in zip(size, stride)]
+        out.append(torch.randint(0, 3, (batch, 1, *size)).float())
+    return out
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_compiles_without_graph_breaks(name):
-    """nnU-Net compiles the network on CUDA; dynamo must capture forward (with side outputs) in one graph:
-    conv and Swin stages, shifted windows with their masks, the gates and the expert heads."""
+def test_compiled_training_steps_make_one_graph(name):
+    """nnU-Net compiles the network on CUDA: several training steps with changing expert masks and routing
+    targets, the expert heads on (conv and Swin stages, shifted windows, gates, heads), are one graph with no
+    break and no recompile; eval adds one more."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
     net, patch = build(name, True)
-    net.train()
-    net.encoder.expert_heads_active = True
-    explanation = torch._dynamo.explain(net)(torch.randn(1, CASES[name][2], *patch))
-    assert explanation.graph_break_count == 0, explanation.break_reasons
+    e = CASES[name][2]
+    net.expert_heads_active = True
+    net.route_weight = 0.1
+    counter = CompileCounter()
+    model = torch.compile(net, backend=counter, fullgraph=True)
+    optimizer = torch.optim.AdamW(net.parameters(), 1e-3)
+    x = torch.randn(2, e, *patch)
+    for step in range(3):
+        present = torch.ones(2, e, dtype=torch.bool)
+        present[step % 2, step % e] = False
+        route = torch.tensor([step % e, -1])
+        net.train()
+        _training_step(model, net, x, _targets(name, 2), present, route, optimizer)
+    assert counter.frame_count == 1, counter.frame_count
+    net.eval()
+    with torch.no_grad():
+        model(x)
+        model(x)
+    assert counter.frame_count == 2
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_fp16_autocast_with_grad_scaler_trains(name):
+    """nnU-Net's CUDA default, float16 autocast with a GradScaler, stood in for by CPU autocast: gradients
+    stay finite, the scale does not collapse (no skipped steps), and the loss goes down."""
+    torch.manual_seed(0)
+    net, patch = build(name, True)
+    e = CASES[name][2]
+    net.expert_heads_active = True
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    optimizer = torch.optim.AdamW(net.parameters(), 3e-3)
+    x = torch.randn(2, e, *patch)
+    target = _targets(name, 2)
+    present = torch.tensor([[True] * e, [True] + [False] * (e - 1)])
+    losses = []
+    for _ in range(6):
+        net.train()
+        losses.append(_training_step(net, net, x, target, present, torch.tensor([-1, -1]), optimizer, scaler,
+                                     torch.float16).item())
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert scaler.get_scale() >= 2.0 ** 12, scaler.get_scale()
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
 
 
 def test_router_learning_rate_factor_and_parameter_groups():

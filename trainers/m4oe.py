@@ -113,7 +113,7 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
     def _build_loss(self):
         mixture = super()._build_loss()
         expert = mixture.loss if isinstance(mixture, DeepSupervisionWrapper) else mixture
-        return MoETrainingLoss(mixture, expert, self.moe_network)
+        return MoETrainingLoss(mixture, expert)
 
     def mixture_weight(self, epoch: int) -> float:
         """0 -> experts train on their own modality only; 1 -> the gated mixture alone."""
@@ -125,7 +125,7 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
         super().on_train_epoch_start()
         weight = self.mixture_weight(self.current_epoch)
         self.loss.mixture_weight = weight
-        self.moe_network.encoder.expert_heads_active = weight < 1
+        self.moe_network.expert_heads_active = weight < 1
         self.print_to_log_file(f"mixture weight (expert curriculum): {weight:.3f}")
         self.gate_stats.expert_names = list(self.moe_network.expert_names)
         self.gate_stats.reset()
@@ -158,32 +158,37 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
         own = self.own_modality(keys)
         return present, present if own is None else present & own
 
+    @staticmethod
+    def gate_mask(present: torch.Tensor) -> torch.Tensor:
+        """The experts the gate may use: `present`, except that a sample left with none (a case whose modality
+        tag matches no expert, in stage 1) gets all of them, as at validation, instead of a softmax over
+        nothing (NaN)."""
+        return present | ~present.any(1, keepdim=True)
+
     @contextmanager
     def modalities_dropped(self, keep: torch.Tensor, batch: dict) -> Iterator[None]:
         net = self.moe_network
         keys = batch.get("keys", [])
         present, self.loss.expert_mask = self.experts_for_batch(keep, keys)
-        gates = net.encoder.gates
-        gates[0].keep_weights = True
         route = self.route_targets(keys)
-        for g in gates:
-            g.route_target = None if route is None else route.to(self.device, non_blocking=True)
-            g.route_weight = self.routing_loss_weight
+        if route is None:  # always a tensor in training, so that a compiled step keeps one graph
+            route = torch.full((len(present),), -1, dtype=torch.long)
+        net.route_weight = self.routing_loss_weight
         try:
-            with net.experts_present(present.to(self.device, non_blocking=True)):
+            with net.routing(self.gate_mask(present).to(self.device, non_blocking=True),
+                             route.to(self.device, non_blocking=True)):
                 yield
         finally:
-            gates[0].keep_weights = False
             self.loss.expert_mask = None
-            for g in gates:
-                g.route_target = None
         target = batch["target"][0] if isinstance(batch["target"], (list, tuple)) else batch["target"]
         sample_modality = None
         if self.case_modality and self.modality_names:
             sample_modality = torch.tensor([self.modality_names.index(self.case_modality[str(k)])
                                             for k in keys])
-        self.gate_stats.update([g.mean_weights for g in gates], gates[0].weights, target, sample_modality)
-        gates[0].weights = None
+        gate = self.loss.last_gate
+        if gate:
+            self.gate_stats.update(list(gate["gate_means"]), gate["gate_weights"], target, sample_modality)
+        self.loss.last_gate = {}
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
@@ -206,7 +211,7 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
 
     def perform_actual_validation(self, save_probabilities: bool = False):
         net = self.moe_network
-        recorder = ValidationGateRecorder(self.network, net.encoder.gates, net.expert_names)
+        recorder = ValidationGateRecorder(self.network, net, net.expert_names)
         dataset_class = self.dataset_class
         self.dataset_class = recorder.wrap_dataset_class(dataset_class)
         try:

@@ -49,7 +49,7 @@ class nnUNetTrainerM4oEExperts(nnUNetTrainerM4oE):
 
     def on_train_epoch_start(self):
         super().on_train_epoch_start()
-        self.moe_network.encoder.expert_heads_active = True
+        self.moe_network.expert_heads_active = True
 
 
 class nnUNetTrainerM4oEGate(nnUNetTrainerM4oE):

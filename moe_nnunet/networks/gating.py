@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["switch_balance_loss", "router_z_loss", "ExpertGate"]
+__all__ = ["switch_balance_loss", "router_z_loss", "routing_loss", "ExpertGate"]
 
 
 def switch_balance_loss(probs: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
@@ -43,25 +43,30 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
     return torch.logsumexp(logits, dim=1).square().mean()
 
 
+def routing_loss(logits: torch.Tensor, route_target: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of every token's gate logits (B, E, *S) against its sample's expert (B,) long; samples
+    with target -1 are left out (0 when none is known, never NaN)."""
+    target = route_target.view((-1,) + (1,) * (logits.ndim - 2)).expand(logits.shape[:1] + logits.shape[2:])
+    total = F.cross_entropy(logits, target, ignore_index=-1, reduction="sum")
+    return total / (target >= 0).sum().clamp(min=1)
+
+
 class ExpertGate(nn.Module):
     """Gate of one scale: looks at every expert's features and gives each token softmax weights over experts.
 
-    The router is a two-layer point-wise MLP (1x1 convolutions) over the concatenated expert features,
-    evaluated in float32 whatever the autocast state. Absent experts (`present` False) are zeroed in the
-    router's input, so what the router sees does not depend on what an absent expert made of an empty
-    channel, and get exactly zero weight because their logits are set to -inf before the softmax. With
-    `top_k`, each token keeps its k largest weights, renormalised to sum to one.
+    The router is a two-layer point-wise MLP (1x1 convolutions) over the experts' features, which arrive
+    side by side as (B, E*C, *S); it runs in the autocast precision, its logits and everything after them in
+    float32. Absent experts (`present` False) have their features zeroed, so what the router sees does not
+    depend on what an absent expert made of an empty channel, and get exactly zero weight because their
+    logits are set to -inf before the softmax. With `top_k`, each token keeps its k largest weights,
+    renormalised to sum to one.
 
-    While training, the module keeps `aux_loss` (balance + z-loss, weighted) for the trainer to add to
-    its loss (0 in eval). When the trainer knows which expert should serve a sample (datasets combined
-    across modalities, one tag per case), it sets `route_target` (B,) long (-1: unknown; at least one known,
-    which the trainer checks on the host) and `route_weight`:
-    `aux_loss` then also holds the routing loss, the cross-entropy of every token's gate logits against the
-    sample's expert, so the gate learns to recognise the modality from the image and needs no tag at
-    inference. (A supervised router, as in task- or domain-routed MoE; the M4oE paper leaves the gate
-    unsupervised, which on small data leaves it near an even split.) After every forward pass,
-    `mean_weights` (E,) holds the detached average gate weight over batch and tokens, and `weights` the
-    detached (B, E, *S) map when `keep_weights` is set.
+    `router_losses` gives the weighted balance and z-losses and, when the trainer knows which expert should
+    serve a sample (datasets combined across modalities, one tag per case), the routing loss: the
+    cross-entropy of every token's gate logits against the sample's expert, so the gate learns to recognise
+    the modality from the image and needs no tag at inference. (A supervised router, as in task- or
+    domain-routed MoE; the M4oE paper leaves the gate unsupervised, which on small data leaves it near an
+    even split.)
 
     Args:
         channels: feature channels of each expert at this scale (C).
@@ -87,67 +92,47 @@ class ExpertGate(nn.Module):
         self.hidden = conv_op(channels * num_experts, hidden, kernel_size=1)
         self.act = nn.GELU()
         self.logits = conv_op(hidden, num_experts, kernel_size=1)
-        self.aux_loss = torch.zeros(())
-        self.mean_weights = torch.zeros(num_experts)
-        self.keep_weights = False
-        self.weights: torch.Tensor | None = None
-        self.route_target: torch.Tensor | None = None
-        self.route_weight = 0.0
 
     def reset_router(self) -> None:
         """Start from an even gate: zero output layer, so every expert gets weight 1/E."""
         nn.init.zeros_(self.logits.weight)
         nn.init.zeros_(self.logits.bias)
 
-    def forward(self, features: Sequence[torch.Tensor], present: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, present: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """
         Args:
-            features: E tensors of shape (B, C, *S).
+            features: (B, E*C, *S) the experts' features side by side.
             present: optional (B, E) bool, False for experts whose modality is missing.
         Returns:
-            (B, C, *S) gated sum of the expert features.
+            `(fused, weights, logits)`: (B, C, *S) gated sum of the expert features, (B, E, *S) float32 gate
+            weights, (B, E, *S) float32 router logits (-inf for absent experts).
         """
-        present_view = None
+        b, ec, *spatial = features.shape
+        per_expert = features.view(b, self.num_experts, ec // self.num_experts, *spatial)  # (B, E, C, *S)
         if present is not None:
-            present_view = present.view(present.shape + (1,) * (features[0].ndim - 2))
-        # the router's first layer is one 1x1 convolution over the experts' concatenated features, applied
-        # as a sum of per-expert slices of its weight: the (B, E*C, *S) concatenation is never made
-        conv = F.conv3d if features[0].ndim == 5 else F.conv2d
-        width = features[0].shape[1]
-        hidden = None
-        for e, f in enumerate(features):
-            term = conv(f, self.hidden.weight[:, e * width:(e + 1) * width])
-            if present_view is not None:
-                term = term * present_view[:, e:e + 1].to(term.dtype)
-            hidden = term if hidden is None else hidden + term
-        if self.hidden.bias is not None:
-            hidden = hidden + self.hidden.bias.view(1, -1, *(1,) * (hidden.ndim - 2)).to(hidden.dtype)
-        # router in the autocast precision, gate logits and everything after them in float32
-        logits = self.logits(self.act(hidden)).float()  # (B, E, *S)
-        with torch.autocast(device_type=features[0].device.type, enabled=False):
+            present_view = present.view(b, self.num_experts, *(1,) * len(spatial))
+            per_expert = per_expert * present_view.unsqueeze(2).to(features.dtype)
+            features = per_expert.view(features.shape)
+        logits = self.logits(self.act(self.hidden(features))).float()  # (B, E, *S)
+        with torch.autocast(device_type=features.device.type, enabled=False):
             if present is not None:
                 logits = logits.masked_fill(~present_view, float("-inf"))
-            probs = torch.softmax(logits, dim=1)
-            weights = probs
+            weights = torch.softmax(logits, dim=1)
             if self.top_k is not None and self.top_k < self.num_experts:
-                kth = probs.topk(self.top_k, dim=1).values[:, -1:]
-                weights = probs * (probs >= kth)
+                kth = weights.topk(self.top_k, dim=1).values[:, -1:]
+                weights = weights * (weights >= kth)
                 weights = weights / weights.sum(1, keepdim=True)
-        if self.training:
-            # logsumexp ignores the -inf of absent experts, so the z-loss needs no special case
-            self.aux_loss = (self.balance_loss_weight * switch_balance_loss(probs, present)
-                             + self.z_loss_weight * router_z_loss(logits))
-            if self.route_target is not None and self.route_weight > 0:
-                target = self.route_target.view((-1,) + (1,) * (logits.ndim - 2)).expand(
-                    logits.shape[:1] + logits.shape[2:])
-                self.aux_loss = self.aux_loss + self.route_weight * F.cross_entropy(logits, target,
-                                                                                    ignore_index=-1)
-        else:
-            self.aux_loss = torch.zeros((), device=logits.device)
-        self.mean_weights = weights.detach().mean(dim=[0, *range(2, weights.ndim)])  # (E,), no copy
-        self.weights = weights.detach() if self.keep_weights else None
-        w = weights.to(features[0].dtype)
-        fused = w[:, 0:1] * features[0]
-        for e in range(1, self.num_experts):
-            fused = fused + w[:, e:e + 1] * features[e]
-        return fused
+        fused = (weights.to(features.dtype).unsqueeze(2) * per_expert).sum(1)
+        return fused, weights, logits
+
+    def router_losses(self, logits: torch.Tensor, present: torch.Tensor | None = None,
+                      route_target: torch.Tensor | None = None, route_weight: float = 0.0) -> torch.Tensor:
+        """Weighted balance + z-loss (+ routing loss when `route_target` (B,) long is given) of one forward."""
+        probs = torch.softmax(logits, dim=1)
+        # logsumexp ignores the -inf of absent experts, so the z-loss needs no special case
+        loss = (self.balance_loss_weight * switch_balance_loss(probs, present)
+                + self.z_loss_weight * router_z_loss(logits))
+        if route_target is not None and route_weight > 0:
+            loss = loss + route_weight * routing_loss(logits, route_target)
+        return loss

@@ -11,39 +11,46 @@ from dynamic_network_architectures.initialization.weight_init import InitWeights
 from timm.layers import trunc_normal_
 from torch import nn
 
-from moe_nnunet.networks.experts import ExpertEncoder, ExpertHead
+from moe_nnunet.networks.experts import ExpertEncoders, ExpertHeads
 from moe_nnunet.networks.gating import ExpertGate
-from moe_nnunet.networks.swin import WindowAttention
+from moe_nnunet.networks.legacy import convert_legacy_state_dict
+from moe_nnunet.networks.swin import ExpertLinear, WindowAttention
 
 __all__ = ["MoEEncoder", "M4oEUNet"]
 
 
 class MoEEncoder(nn.Module):
-    """All experts plus one gate per scale; returns the fused skips a `UNetDecoder` expects.
+    """All experts (one batched module) plus one gate per scale; returns the fused skips a `UNetDecoder` expects.
 
+    The experts' width (`expert_features_per_stage`) may differ from the skips' (`features_per_stage`, the
+    decoder's width, nnU-Net's plans): then each fused map is lifted to the skip width by a 1x1 convolution.
     It carries the attributes `UNetDecoder` reads from an encoder (`output_channels`, `strides`,
     `kernel_sizes`, `conv_op`, norm/nonlin/dropout settings, `conv_bias`).
     """
 
-    def __init__(self, expert_channels: Sequence[Sequence[int]], num_classes: int,
-                 features_per_stage: Sequence[int], strides: Sequence[Sequence[int]],
-                 kernel_sizes: Sequence[Sequence[int]], n_conv_per_stage: Sequence[int],
-                 swin_depths: Sequence[int], num_heads: Sequence[int], window_sizes: Sequence[Sequence[int]],
-                 conv_op: type[nn.Module], conv_bias: bool, norm_op: type[nn.Module] | None,
-                 norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None, nonlin_kwargs: dict | None,
-                 mlp_ratio: float, drop_path_rate: float, gate_hidden: int, gate_top_k: int | None,
-                 balance_loss_weight: float, z_loss_weight: float) -> None:
+    def __init__(self, *, expert_channels: Sequence[Sequence[int]], num_classes: int,
+                 features_per_stage: Sequence[int], expert_features_per_stage: Sequence[int],
+                 strides: Sequence[Sequence[int]], kernel_sizes: Sequence[Sequence[int]],
+                 n_conv_per_stage: Sequence[int], swin_depths: Sequence[int], num_heads: Sequence[int],
+                 window_sizes: Sequence[Sequence[int]], conv_op: type[nn.Module], conv_bias: bool,
+                 norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None,
+                 nonlin_kwargs: dict | None, mlp_ratio: float, drop_path_rate: float, gate_hidden: int,
+                 gate_top_k: int | None, balance_loss_weight: float, z_loss_weight: float) -> None:
         super().__init__()
         self.expert_channels = [list(map(int, c)) for c in expert_channels]
-        self.experts = nn.ModuleList([
-            ExpertEncoder(len(ch), features_per_stage, strides, kernel_sizes, n_conv_per_stage, swin_depths,
-                          num_heads, window_sizes, conv_op, conv_bias, norm_op, norm_op_kwargs, nonlin,
-                          nonlin_kwargs, mlp_ratio, drop_path_rate) for ch in self.expert_channels])
+        num_experts = len(self.expert_channels)
+        self.experts = ExpertEncoders(
+            expert_channels=self.expert_channels, features_per_stage=expert_features_per_stage, strides=strides,
+            kernel_sizes=kernel_sizes, n_conv_per_stage=n_conv_per_stage, swin_depths=swin_depths,
+            num_heads=num_heads, window_sizes=window_sizes, conv_op=conv_op, conv_bias=conv_bias, norm_op=norm_op,
+            norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate)
         self.gates = nn.ModuleList([
-            ExpertGate(c, len(self.expert_channels), conv_op, gate_hidden, gate_top_k, balance_loss_weight,
-                       z_loss_weight) for c in features_per_stage])
-        self.heads = nn.ModuleList([ExpertHead(features_per_stage, num_classes, conv_op)
-                                    for _ in self.expert_channels])
+            ExpertGate(c, num_experts, conv_op, gate_hidden, gate_top_k, balance_loss_weight, z_loss_weight)
+            for c in expert_features_per_stage])
+        self.lifts = nn.ModuleList([nn.Identity() if w == f else conv_op(w, f, kernel_size=1)
+                                    for w, f in zip(expert_features_per_stage, features_per_stage)])
+        self.heads = ExpertHeads(num_experts, expert_features_per_stage, num_classes, conv_op)
         # read by UNetDecoder
         self.output_channels = list(features_per_stage)
         self.strides = [list(map(int, s)) for s in strides]
@@ -52,41 +59,30 @@ class MoEEncoder(nn.Module):
         self.norm_op, self.norm_op_kwargs = norm_op, norm_op_kwargs
         self.nonlin, self.nonlin_kwargs = nonlin, nonlin_kwargs
         self.dropout_op, self.dropout_op_kwargs = None, None
-        # set by the trainer during its expert curriculum; then `expert_logits` holds each expert's own prediction
-        self.expert_heads_active = False
-        self.expert_logits: list[torch.Tensor] = []
-        # availability of the experts used when `forward` gets none: (B, E) or (E,) bool, None = all present
-        self.present: torch.Tensor | None = None
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None, expert_heads: bool = False
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
         """
         Args:
             x: (B, C_in, *S) image.
-            present: (B, E) bool per sample, or (E,) for the whole batch; False marks an expert whose modality
-                is missing. Defaults to `self.present`; None means every expert is present.
+            present: (B, E) bool per sample; False marks an expert whose modality is missing. None: all present.
+            expert_heads: also return each expert's own logits (the curriculum's light heads).
         Returns:
-            fused skips, one (B, features_per_stage[s], *S_s) tensor per stage.
+            `(skips, weights, logits, expert_logits)`: the fused skips, one (B, features_per_stage[s], *S_s)
+            tensor per stage; the gates' (B, E, *S_s) float32 weights and router logits per stage; each
+            expert's (B, E, K, *S) logits or None.
         """
-        if present is None:
-            present = self.present
-        if present is not None and present.ndim == 1:
-            present = present.view(1, -1).expand(x.shape[0], -1)
-        skip_absent = present is not None and not self.training and not torch.compiler.is_compiling()
-        available = present.any(0).tolist() if skip_absent else [True] * len(self.experts)
-        if not any(available):
-            raise ValueError("every expert is marked absent; at least one modality must be present.")
-        per_expert = [expert(x[:, ch]) if use else None
-                      for expert, ch, use in zip(self.experts, self.expert_channels, available)]
-        if not all(available):  # inference without a modality: skip its expert, give the gate zeros
-            reference = per_expert[available.index(True)]
-            per_expert = [f if f is not None else [torch.zeros_like(r) for r in reference] for f in per_expert]
-        skips = [gate([f[s] for f in per_expert], present) for s, gate in enumerate(self.gates)]
-        if self.training and self.expert_heads_active:
-            self.expert_logits = [head(f) for head, f in zip(self.heads, per_expert)]
-        return skips
+        features = self.experts(x)  # per stage (B, E*C_s, *S_s)
+        skips, weights, logits = [], [], []
+        for f, gate, lift in zip(features, self.gates, self.lifts):
+            fused, w, lg = gate(f, present)
+            skips.append(lift(fused))
+            weights.append(w)
+            logits.append(lg)
+        return skips, weights, logits, self.heads(features) if expert_heads else None
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
-        total = sum(e.compute_conv_feature_map_size(input_size) for e in self.experts)
+        total = self.experts.compute_conv_feature_map_size(input_size)
         size = list(input_size)
         for gate, stride, c in zip(self.gates, self.strides, self.output_channels):
             size = [i // j for i, j in zip(size, stride)]
@@ -121,6 +117,10 @@ class M4oEUNet(nn.Module):
             nnU-Net (dropout is not used by the experts).
         deep_supervision: return one logit map per decoder stage, highest resolution first.
         expert_channels: input channel indices of each expert; default one expert per channel.
+        expert_features_per_stage: width of each expert per stage; default `features_per_stage`. The planner
+            narrows the experts so that all of them together cost about one nnU-Net encoder
+            (`moe_nnunet.networks.config.expert_width`); the fused maps are lifted back to
+            `features_per_stage` for the decoder.
         expert_names: a name per expert (modality), used in reports; default `channel_<i>`.
         swin_depths: Swin blocks per stage, 0 for convolutional stages; stage 0 must be 0.
         num_heads: attention heads per stage.
@@ -140,7 +140,7 @@ class M4oEUNet(nn.Module):
                  dropout_op: type[nn.Module] | None = None, dropout_op_kwargs: dict | None = None,
                  nonlin: type[nn.Module] | None = None, nonlin_kwargs: dict | None = None,
                  deep_supervision: bool = False, expert_channels: Sequence[Sequence[int]] | None = None,
-                 expert_names: Sequence[str] | None = None, swin_depths: Sequence[int] | None = None,
+                 expert_features_per_stage: Sequence[int] | None = None, expert_names: Sequence[str] | None = None, swin_depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, window_sizes: Sequence[Sequence[int]] | None = None,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, gate_hidden: int = 32,
                  gate_top_k: int | None = None, balance_loss_weight: float = 1e-2, z_loss_weight: float = 1e-3
@@ -172,20 +172,55 @@ class M4oEUNet(nn.Module):
         if len(self.expert_names) != len(expert_channels):
             raise ValueError(f"{len(self.expert_names)} expert_names for {len(expert_channels)} experts; "
                              f"give one name per entry of expert_channels.")
-        self.encoder = MoEEncoder(expert_channels, num_classes, features_per_stage, strides, kernel_sizes,
-                                  n_conv_per_stage, swin_depths, num_heads, window_sizes, conv_op, conv_bias,
-                                  norm_op, norm_op_kwargs, nonlin, nonlin_kwargs, mlp_ratio, drop_path_rate,
-                                  gate_hidden, gate_top_k, balance_loss_weight, z_loss_weight)
+        if expert_features_per_stage is None:
+            expert_features_per_stage = features_per_stage
+        if len(expert_features_per_stage) != n_stages:
+            raise ValueError(f"expert_features_per_stage has {len(expert_features_per_stage)} entries but "
+                             f"n_stages={n_stages}; give one width per stage.")
+        self.encoder = MoEEncoder(
+            expert_channels=expert_channels, num_classes=num_classes, features_per_stage=features_per_stage,
+            expert_features_per_stage=[int(w) for w in expert_features_per_stage], strides=strides,
+            kernel_sizes=kernel_sizes, n_conv_per_stage=n_conv_per_stage, swin_depths=swin_depths,
+            num_heads=num_heads, window_sizes=window_sizes, conv_op=conv_op, conv_bias=conv_bias, norm_op=norm_op,
+            norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, mlp_ratio=mlp_ratio,
+            drop_path_rate=drop_path_rate, gate_hidden=gate_hidden, gate_top_k=gate_top_k,
+            balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
         self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
                                    norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                                    dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs,
                                    conv_bias=conv_bias)
+        self.num_experts = len(expert_channels)
+        # inputs of `forward` that nnU-Net's `network(x)` cannot pass; set by the trainer around its training
+        # step (`routing`) and by the predictor (`experts_present`), never inside `forward`
+        self._present: torch.Tensor | None = None
+        self._route_target: torch.Tensor | None = None
+        self.route_weight = 0.0
+        # the trainer switches the experts' own heads on during its curriculum
+        self.expert_heads_active = False
+        # validation statistics: while set, an eval forward keeps the detached mean gate weights per scale
+        self.record_gate_means = False
+        self.last_gate_means: torch.Tensor | None = None
+        self.register_load_state_dict_pre_hook(convert_legacy_state_dict)
 
-    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None):
-        """(B, C_in, *S) -> logits (B, num_classes, *S), or a list of them (deep supervision, highest first).
+    def forward(self, x: torch.Tensor, present: torch.Tensor | None = None,
+                route_target: torch.Tensor | None = None):
+        """In eval: (B, C_in, *S) -> logits (B, num_classes, *S), or a list of them (deep supervision,
+        highest resolution first), exactly as nnU-Net expects.
 
-        `present` ((B, E) or (E,) bool) masks the experts of missing modalities: they get zero gate weight
-        and, in eval, are not computed. nnU-Net calls `network(x)`; `experts_present` sets the mask then.
+        In training: a dict (read by `moe_nnunet.training.MoETrainingLoss`) with
+            "logits": the logits as above;
+            "aux_loss": scalar, the gates' weighted router losses;
+            "expert_logits": (B, E, K, *S) each expert's own logits while `expert_heads_active`, else None;
+            "gate_means": (n_stages, E) detached mean gate weight per scale;
+            "gate_weights": (B, E, *S) detached full-resolution gate weights.
+        Everything that needs a gradient leaves through this return value, so DDP and torch.compile see one
+        graph.
+
+        Args:
+            present: (B, E) or (E,) bool; masks the experts of missing modalities (zero gate weight). nnU-Net
+                calls `network(x)`: `experts_present` / `routing` set it then.
+            route_target: (B,) long, the expert each sample should be routed to (-1: unknown), for datasets
+                combined across modalities; the routing loss is weighted by `route_weight`.
         """
         expected = 1 + max(c for channels in self.expert_channels for c in channels)
         if x.shape[1] != expected:
@@ -194,7 +229,27 @@ class M4oEUNet(nn.Module):
                 f"this M4oE network reads {expected} input channels (experts {experts}) but got {x.shape[1]}. Give "
                 f"every case one image per channel, CASE_0000 to CASE_{expected - 1:04d}, as in training; to "
                 f"predict with a modality missing, use `moe_nnunet predict`, which masks that modality's expert.")
-        return self.decoder(self.encoder(x, present))
+        present = self._present if present is None else present
+        if present is not None and present.ndim == 1:
+            present = present.view(1, -1).expand(x.shape[0], -1)
+        if present is not None and not self.training and not torch.compiler.is_compiling() \
+                and not bool(present.any(-1).all()):
+            raise ValueError("every expert is marked absent for a sample; at least one modality must be present.")
+        heads = self.training and self.expert_heads_active
+        skips, weights, logits, expert_logits = self.encoder(x, present, heads)
+        out = self.decoder(skips)
+        gate_means = None
+        if self.training or self.record_gate_means:
+            gate_means = torch.stack([w.detach().mean(dim=[0, *range(2, w.ndim)]) for w in weights])  # (n, E)
+        if not self.training:
+            if self.record_gate_means:
+                self.last_gate_means = gate_means
+            return out
+        route_target = self._route_target if route_target is None else route_target
+        aux = sum(gate.router_losses(lg, present, route_target, self.route_weight)
+                  for gate, lg in zip(self.encoder.gates, logits))
+        return {"logits": out, "aux_loss": aux, "expert_logits": expert_logits, "gate_means": gate_means,
+                "gate_weights": weights[0].detach()}
 
     @property
     def expert_channels(self) -> list[list[int]]:
@@ -208,21 +263,21 @@ class M4oEUNet(nn.Module):
     @contextmanager
     def experts_present(self, present: torch.Tensor | None) -> Iterator[None]:
         """Within the block, calls without an explicit `present` use this mask ((B, E) or (E,) bool)."""
-        previous, self.encoder.present = self.encoder.present, present
+        previous, self._present = self._present, present
         try:
             yield
         finally:
-            self.encoder.present = previous
+            self._present = previous
 
-    def auxiliary_loss(self) -> torch.Tensor:
-        """Sum of the gates' weighted router losses from the last forward pass (0 in eval)."""
-        return sum(gate.aux_loss for gate in self.encoder.gates)
-
-    def pop_expert_logits(self) -> list[torch.Tensor]:
-        """Each expert's own full-resolution logits from the last training forward pass (while
-        `encoder.expert_heads_active`), handed over once so the graph is freed after the loss."""
-        logits, self.encoder.expert_logits = self.encoder.expert_logits, []
-        return logits
+    @contextmanager
+    def routing(self, present: torch.Tensor, route_target: torch.Tensor | None = None) -> Iterator[None]:
+        """Within the block (one training step), calls use this (B, E) expert mask and (B,) routing target."""
+        previous = self._present, self._route_target
+        self._present, self._route_target = present, route_target
+        try:
+            yield
+        finally:
+            self._present, self._route_target = previous
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Activation count used by nnU-Net's planner to fit the patch size to a GPU-memory target."""
@@ -231,9 +286,9 @@ class M4oEUNet(nn.Module):
 
     @staticmethod
     def initialize(module: nn.Module) -> None:
-        """nnU-Net's He init for convolutions, ViT init for attention; gates start even (1/E each)."""
+        """nnU-Net's He init for convolutions, ViT init for linear layers; gates start even (1/E each)."""
         InitWeights_He(1e-2)(module)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, ExpertLinear):
             trunc_normal_(module.weight, std=0.02)
             if module.bias is not None:
                 nn.init.zeros_(module.bias)
