@@ -1,4 +1,5 @@
-"""Shared fixtures: an nnU-Net folder layout in a temporary directory and a tiny multi-channel dataset."""
+"""Shared fixtures: an nnU-Net folder layout in a temporary directory, a tiny multi-channel dataset, its plans and
+the trained models several test files use (session-scoped: each is made once, whichever file asks first)."""
 from __future__ import annotations
 
 import os
@@ -40,6 +41,29 @@ class NNUNetEnv:
                                  f"STDERR:\n{proc.stderr[-4000:]}")
         return proc
 
+    def train_in_process(self, fold: str, trainer: str, plans: str, npz: bool = True) -> Path:
+        """`nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER -p PLANS -device cpu [--npz]` as nnU-Net's own
+        `run_training` in this process, for models that tests need but whose training is not what they test
+        (the stock command itself is run by the `trained` fixture and the workflow tests). Returns the model
+        folder."""
+        import importlib
+
+        import torch
+        from nnunetv2.run.run_training import run_training
+
+        trainer_module = importlib.import_module("nnunetv2.training.nnUNetTrainer.nnUNetTrainer")
+
+        with pytest.MonkeyPatch.context() as mp:
+            for name, value in self.env.items():
+                if name.startswith("nnUNet_"):
+                    mp.setenv(name, value)
+            mp.setenv("nnUNet_n_proc_DA", "0")
+            # the validation's export pool, as nnUNet_def_n_proc=1 sets it in the stock command (read at import)
+            mp.setattr(trainer_module, "default_num_processes", 1)
+            run_training(str(TINY_ID), "3d_fullres", fold, trainer, plans, export_validation_probabilities=npz,
+                         device=torch.device("cpu"))
+        return self.results / f"Dataset{TINY_ID}_TinyPhantom" / f"{trainer}__{plans}__3d_fullres"
+
 
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> NNUNetEnv:
@@ -56,9 +80,10 @@ def tiny_dataset(nnunet_env) -> Path:
 
 @pytest.fixture(scope="session")
 def planned(nnunet_env, tiny_dataset):
-    """Stock fingerprint + nnU-Net plans + preprocessing, then our planner and preprocessing."""
+    """Stock fingerprint + nnU-Net plans, then our planner and the stock preprocessing of its plans. Our 3d_fullres
+    shares nnU-Net's preprocessed data (`nnUNetPlans_3d_fullres`), so the one preprocessing serves both plans."""
     nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
-                   "--verify_dataset_integrity")
+                   "--verify_dataset_integrity", "--no_pp")
     out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
     assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
     nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
@@ -66,7 +91,18 @@ def planned(nnunet_env, tiny_dataset):
 
 
 @pytest.fixture(scope="session")
-def trained(nnunet_env, planned):
+def trained(nnunet_env, planned) -> Path:
+    """Fold 0 of the M4oE debug model, trained by the stock `nnUNetv2_train` (--npz: cross-validation ready)."""
     nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
                    "-device", "cpu", "--npz")
     return nnunet_env.results / planned.name / f"{TRAINER}__{PLANS}__3d_fullres"
+
+
+BASELINE = "nnUNetTrainerDebug"  # nnU-Net's own network and trainer, on the same debug schedule
+
+
+@pytest.fixture(scope="session")
+def baseline_trained(nnunet_env, planned) -> Path:
+    """Fold 0 of nnU-Net's own network on nnU-Net's plans (debug schedule, --npz), trained in this process: the
+    second expert of the merge tests and the model M4oE is cross-validated beside."""
+    return nnunet_env.train_in_process("0", BASELINE, "nnUNetPlans")

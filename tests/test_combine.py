@@ -17,7 +17,7 @@ from moe_nnunet.datasets.common import same_geometry, write_nnunet_dataset
 from conftest import NNUNetEnv
 from test_datasets import _ForkingMultiprocessing, check_integrity
 
-CT_ID, MRI_ID, LESION_ID, PHANTOM_ID = 971, 972, 973, 974
+CT_ID, MRI_ID, LESION_ID = 971, 972, 973
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
 
 
@@ -168,13 +168,12 @@ def test_nnunet_keeps_tags_and_planner_makes_one_expert_per_modality(nnunet_env,
     assert net.expert_names == ["CT", "MRI"] and net.expert_channels == [[0], [0]]
 
 
-def test_planner_one_expert_per_channel_otherwise(nnunet_env, monkeypatch) -> None:
-    from moe_nnunet.datasets.phantom import build_phantom
-    build_phantom(nnunet_env.raw, PHANTOM_ID, name="Phantom", num_cases=3, shape=(24, 40, 40))
-    kwargs = plan_in_process(nnunet_env, PHANTOM_ID, monkeypatch)["configurations"]["3d_fullres"]["architecture"][
-        "arch_kwargs"]
-    assert kwargs["expert_channels"] == [[0], [1], [2]]
-    assert kwargs["expert_names"] == ["T1", "T2", "FLAIR"]
+def test_one_expert_per_channel_otherwise() -> None:
+    """Without modality tags, one expert per channel, named after it (the planner's plans for such a dataset,
+    made by `moe_nnunet plan`, are checked in test_end_to_end.py::test_plans_name_our_network_with_swin_valid_patch).
+    """
+    plain = {"channel_names": {"0": "T1", "1": "T2", "2": "FLAIR"}, "labels": {"background": 0, "a": 1}}
+    assert experts_from_dataset_json(plain) == ([[0], [1], [2]], ["T1", "T2", "FLAIR"])
 
 
 def plan_in_process(nnunet_env, dataset_id: int, monkeypatch) -> dict:

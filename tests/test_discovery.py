@@ -33,8 +33,32 @@ def test_trainer_path_command_prints_the_folder(tmp_path, monkeypatch):
     assert out.returncode == 0 and out.stdout.strip() == str(tmp_path / "nnunet_ext_trainers")
 
 
-def test_help_lists_every_subcommand():
+def test_help_lists_every_subcommand(capsys):
+    """Every command of the registry (`moe_nnunet.cli.COMMANDS`) is a module of `moe_nnunet.commands` (none is
+    skipped as missing), is listed by `moe_nnunet --help`, and answers its own `--help`; and every command module
+    is in the registry."""
+    import importlib
+    import pkgutil
+
+    import pytest
+
+    import moe_nnunet.commands
+    from moe_nnunet.cli import COMMANDS, build_parser, main
+
+    modules = {m.name for m in pkgutil.iter_modules(moe_nnunet.commands.__path__)}
+    assert modules == set(COMMANDS) and len(COMMANDS) == len(set(COMMANDS)), sorted(modules ^ set(COMMANDS))
+    for name in COMMANDS:
+        assert callable(importlib.import_module(f"moe_nnunet.commands.{name}").register), name
+    registered = build_parser()._subparsers._group_actions[0].choices
+    assert list(registered) == list(COMMANDS)
+
     out = subprocess.run([sys.executable, "-m", "moe_nnunet", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
-    for command in ("plan", "trainer_path", "datasets", "demo", "bench"):
-        assert command in out.stdout, command
+    listed = out.stdout.split("COMMAND", 1)[1]
+    for command in COMMANDS:
+        assert f"    {command} " in listed or f"    {command}\n" in listed, command
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as e:
+            main([command, "--help"])
+        assert e.value.code == 0, command
+        assert capsys.readouterr().out.startswith(f"usage: moe_nnunet {command}"), command

@@ -57,8 +57,14 @@ def test_m4oe_training_memory_grows_with_patch_and_batch_and_halves_with_bf16():
     small = synthetic_setup(channels=2, patch_size=(32, 32, 32), batch_size=1)
     one = simulate_training_memory(small.ours, [32, 32, 32], 1, bf16=False)
     two = simulate_training_memory(small.ours, [32, 32, 32], 2, bf16=False)
+    longer = simulate_training_memory(small.ours, [32, 32, 64], 1, bf16=False)
     half = simulate_training_memory(small.ours, [32, 32, 32], 2, bf16=True)
-    assert one.static_bytes < one.peak_bytes < two.peak_bytes
+    # what a step adds to the weights and optimizer state scales with the voxels of a batch: about twice for
+    # twice the batch or the patch (a little less: the weights' gradients and some buffers do not scale)
+    base = one.peak_bytes - one.static_bytes
+    assert one.static_bytes > 0 and base > 0
+    assert 1.6 < (two.peak_bytes - two.static_bytes) / base < 2.05
+    assert 1.7 < (longer.peak_bytes - longer.static_bytes) / base < 2.05
     activations = two.peak_bytes - two.static_bytes
     assert 0.4 * activations < half.peak_bytes - half.static_bytes < 0.75 * activations
     assert any(k.startswith("forward: encoder.experts") for k in two.by_part)
@@ -68,6 +74,14 @@ def test_m4oe_training_memory_grows_with_patch_and_batch_and_halves_with_bf16():
                                             bf16=True, optimizer="adamw")
     assert planner_units_to_gib(units, 3, NNUNET_REFERENCE[3]["batch_size"]) * GIB == \
         pytest.approx(at_reference.peak_bytes, rel=1e-9)
+
+
+def test_feature_map_estimate_scales_with_the_patch_volume():
+    """The network's own estimate (nnU-Net's `compute_conv_feature_map_size`, the planner's fallback) counts
+    feature maps: 8 times the voxels, 8 times the count."""
+    net = synthetic_setup(channels=2, patch_size=(32, 32, 32), batch_size=1).ours.build()
+    small, large = (net.compute_conv_feature_map_size(p) for p in ([32, 32, 32], [64, 64, 64]))
+    assert small > 0 and 7.5 < large / small < 8.5
 
 
 def test_reference_values_are_nnunets():

@@ -17,12 +17,11 @@ import SimpleITK as sitk
 import torch
 from torch import nn
 
-from conftest import TINY_ID
+from conftest import BASELINE, TINY_ID
 
 from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, MergedExpertsNet, MergedOutput, map_labels_by_name
 
 D = str(TINY_ID)
-SECOND = "nnUNetTrainerDebug"     # nnU-Net's own network on the debug schedule, the second expert
 MERGED_PLANS = "nnUNetMergedPlans"
 MERGE_TRAINER = "nnUNetTrainerMoEMerge_debug"
 PREDICT_FLAGS = ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
@@ -166,25 +165,15 @@ def test_compiled_training_steps_reuse_one_graph_and_eval_returns_the_logits():
 # ---- through nnU-Net's programs ----
 
 @pytest.fixture(scope="module")
-def second_expert(nnunet_env, planned) -> Path:
-    """nnU-Net's own network on nnU-Net's plans (the same preprocessed data as the M4oE plans), fold 0."""
-    folder = nnunet_env.results / planned.name / f"{SECOND}__nnUNetPlans__3d_fullres"
-    if not (folder / "fold_0" / "checkpoint_final.pth").is_file():  # test_workflow's baseline, if it ran first
-        nnunet_env.run("nnUNetv2_train", D, "3d_fullres", "0", "-tr", SECOND, "-p", "nnUNetPlans", "-device", "cpu",
-                       "--npz")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def experts(trained, second_expert, tmp_path_factory) -> list[Path]:
+def experts(trained, baseline_trained, tmp_path_factory) -> list[Path]:
     """Copies of the two models' folders (plans, dataset.json, fold 0's final checkpoint), which a test may
     move away without touching the session's models."""
     root = tmp_path_factory.mktemp("experts")
-    for source in (trained, second_expert):
+    for source in (trained, baseline_trained):
         (root / source.name / "fold_0").mkdir(parents=True)
         for name in ("plans.json", "dataset.json", "fold_0/checkpoint_final.pth"):
             shutil.copy(source / name, root / source.name / name)
-    return [root / trained.name, root / second_expert.name]
+    return [root / trained.name, root / baseline_trained.name]
 
 
 @pytest.fixture(scope="module")

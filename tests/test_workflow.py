@@ -1,10 +1,12 @@
 """The whole nnU-Net workflow with an M4oE trainer, through the stock programs, on CPU.
 
-Kill-and-resume (SIGKILL, then `nnUNetv2_train --c`, `--val --val_best`) -> 5 folds with `moe_nnunet cv`
-(the finished folds skipped) beside nnU-Net's own network -> the best configuration, ensembling the two ->
-`nnUNetv2_predict` with the 5-fold ensemble, `nnUNetv2_ensemble`, `nnUNetv2_apply_postprocessing` ->
-`nnUNetv2_export_model_to_zip` and `nnUNetv2_install_pretrained_model_from_zip` into an empty results folder
--> identical predictions; then the same folds through a SLURM job array when a SLURM controller answers.
+Kill-and-resume of fold 1 (SIGKILL, then `nnUNetv2_train --c`; `--val --val_best` on a copy) -> a 2-fold
+cross-validation with `moe_nnunet cv` (the finished folds skipped, the missing ones trained) beside nnU-Net's own
+network -> the best configuration, ensembling the two -> `nnUNetv2_predict` with the 2-fold ensemble,
+`nnUNetv2_ensemble`, `nnUNetv2_apply_postprocessing` -> `nnUNetv2_export_model_to_zip` and
+`nnUNetv2_install_pretrained_model_from_zip` into an empty results folder -> identical predictions; then the
+same folds through a SLURM job array when a SLURM controller answers. Two folds exercise everything five would
+(fold loop, skipping, resuming, ensembling across folds and models) at two fifths of the training.
 """
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from conftest import BIN, PLANS, TINY_ID, TRAINER
+from conftest import BASELINE, BIN, PLANS, TINY_ID, TRAINER
 
-BASELINE = "nnUNetTrainerDebug"  # nnU-Net's own network and trainer, on the same debug schedule
 D = str(TINY_ID)
-FOLDS = ["0", "1", "2", "3", "4"]
+FOLDS = ["0", "1"]  # fold 0: the session's `trained` model; fold 1: the killed and resumed run
+KILLED = "1"
 PREDICT_FLAGS = ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
 
 
@@ -40,9 +42,10 @@ def epochs_in(log: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def resumed(nnunet_env, planned):
-    """Fold 4, killed with SIGKILL once its first checkpoint_latest.pth exists, then resumed with --c."""
-    fold = model_folder(nnunet_env) / "fold_4"
-    cmd = [str(BIN / "nnUNetv2_train"), D, "3d_fullres", "4", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
+    """Fold 1, killed with SIGKILL once its first checkpoint_latest.pth exists, then resumed with --c (--npz: the
+    cross-validation below then finds it done)."""
+    fold = model_folder(nnunet_env) / f"fold_{KILLED}"
+    cmd = [str(BIN / "nnUNetv2_train"), D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
            "--npz"]
     proc = subprocess.Popen(cmd, env={**nnunet_env.env, "nnUNet_n_proc_DA": "0"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -57,7 +60,7 @@ def resumed(nnunet_env, planned):
               "latest_epoch": torch.load(fold / "checkpoint_latest.pth", weights_only=False)["current_epoch"],
               "logs": sorted(fold.glob("training_log_*.txt"))}
     time.sleep(1.1)  # nnU-Net names its logs by the second
-    nnunet_env.run("nnUNetv2_train", D, "3d_fullres", "4", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--c",
+    nnunet_env.run("nnUNetv2_train", D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--c",
                    "--npz")
     return fold, killed
 
@@ -79,38 +82,68 @@ def test_killed_training_resumes_where_it_stopped(resumed):
     assert (fold / "validation" / "summary.json").is_file() and list((fold / "validation").glob("*.npz"))
 
 
-def test_val_best_validates_the_best_checkpoint(nnunet_env, resumed):
+def test_val_best_validates_the_best_checkpoint(nnunet_env, resumed, tmp_path):
+    """On a copy of the resumed fold whose checkpoint_best.pth is marked (its output layers' bias made to say
+    label 1 at every voxel): `--val --val_best` validates with that checkpoint, not checkpoint_final.pth."""
     fold, _ = resumed
-    summary = fold / "validation" / "summary.json"
-    summary.unlink()
-    out = nnunet_env.run("nnUNetv2_train", D, "3d_fullres", "4", "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
-                         "--val", "--val_best", "--npz")
-    assert summary.is_file() and "checkpoint_best" not in out.stderr
+    copy = tmp_path / "results" / fold.parent.parent.name / fold.parent.name
+    copy.mkdir(parents=True)
+    for name in ("plans.json", "dataset.json", "dataset_fingerprint.json"):
+        shutil.copy(fold.parent / name, copy / name)
+    (copy / fold.name).mkdir()
+    shutil.copy(fold / "checkpoint_final.pth", copy / fold.name / "checkpoint_final.pth")
+    best = torch.load(fold / "checkpoint_best.pth", map_location="cpu", weights_only=False)
+    heads = [k for k in best["network_weights"] if k.startswith("decoder.seg_layers.") and k.endswith(".bias")]
+    assert heads, sorted(best["network_weights"])[-5:]
+    for k in heads:
+        best["network_weights"][k] = torch.tensor([0.0, 100.0, 0.0, 0.0, 0.0])
+    torch.save(best, copy / fold.name / "checkpoint_best.pth")
+    env = dict(nnunet_env.env, nnUNet_results=str(tmp_path / "results"), nnUNet_n_proc_DA="0")
+    out = subprocess.run([str(BIN / "nnUNetv2_train"), D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS,
+                          "-device", "cpu", "--val", "--val_best", "--npz"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    validation = copy / fold.name / "validation"
+    cases = json.loads((validation / "summary.json").read_text())["metric_per_case"]
+    assert len(cases) == 2 and len(list(validation.glob("*.npz"))) == 2
+    for c in cases:  # every voxel label 1, with certainty: the marked checkpoint's output
+        prediction = Path(c["prediction_file"])
+        assert set(np.unique(sitk.GetArrayFromImage(sitk.ReadImage(str(prediction)))).tolist()) == {1}
+        probabilities = np.load(validation / prediction.name.replace(".nii.gz", ".npz"))["probabilities"]
+        assert probabilities[1].min() > 0.99, prediction.name
+        # the resumed run's own validation of this case, from checkpoint_final.pth, is not that
+        final = np.load(fold / "validation" / prediction.name.replace(".nii.gz", ".npz"))["probabilities"]
+        assert final[1].min() < 0.5, prediction.name
 
 
 @pytest.fixture(scope="module")
-def cross_validated(nnunet_env, trained, resumed):
-    """Folds 0 and 4 exist already (the `trained` fixture, the resumed run); `moe_nnunet cv` does the rest."""
-    nnunet_env.run("moe_nnunet", "cv", "-d", D, "-tr", BASELINE, "-p", "nnUNetPlans", "-device", "cpu",
-                   "--no_best")
-    return nnunet_env.run("moe_nnunet", "cv", "-d", D, "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
-                          "--with", f"{BASELINE}:nnUNetPlans").stdout
+def cross_validated(nnunet_env, trained, resumed, baseline_trained) -> dict[str, str]:
+    """`moe_nnunet cv` over folds 0 and 1: nnU-Net's network has fold 0 (`baseline_trained`) and gets fold 1
+    trained; M4oE has both (`trained`, the resumed run) and only the best-configuration step is left."""
+    cv = ["moe_nnunet", "cv", "-d", D, "--folds", *FOLDS, "-device", "cpu"]
+    baseline = nnunet_env.run(*cv, "-tr", BASELINE, "-p", "nnUNetPlans", "--no_best").stdout
+    m4oe = nnunet_env.run(*cv, "-tr", TRAINER, "-p", PLANS, "--with", f"{BASELINE}:nnUNetPlans").stdout
+    return {"baseline": baseline, "m4oe": m4oe}
 
 
 def test_cv_trains_the_missing_folds_and_finds_the_best_configuration(nnunet_env, cross_validated):
-    assert "3d_fullres fold 0: done" in cross_validated and "3d_fullres fold 4: done" in cross_validated
-    assert "3d_fullres fold 1: train" in cross_validated
+    baseline, m4oe = cross_validated["baseline"], cross_validated["m4oe"]
+    assert "3d_fullres fold 0: done" in baseline and "3d_fullres fold 1: train" in baseline
+    assert "3d_fullres fold 0: done" in m4oe and "3d_fullres fold 1: done" in m4oe and ": train" not in m4oe
+    assert "best configuration of" in m4oe and "best configuration of" not in baseline  # --no_best
     for trainer, plans in ((TRAINER, PLANS), (BASELINE, "nnUNetPlans")):
         folder = model_folder(nnunet_env, trainer, plans)
         for f in FOLDS:
             assert (folder / f"fold_{f}" / "checkpoint_final.pth").is_file()
             assert list((folder / f"fold_{f}" / "validation").glob("*.npz"))
-        cv_summary = json.loads((folder / "crossval_results_folds_0_1_2_3_4" / "summary.json").read_text())
+        cv_summary = json.loads((folder / "crossval_results_folds_0_1" / "summary.json").read_text())
         assert set(cv_summary["mean"]) == {"1", "2", "3", "4"}
+        # the cross-validation covers both folds' held-out cases: 2 + 2 of the 10
+        assert len(cv_summary["metric_per_case"]) == 4
     dataset_results = model_folder(nnunet_env).parent
     info = json.loads((dataset_results / "inference_information.json").read_text())
     assert {m["trainer"] for m in info["considered_models"]} == {TRAINER, BASELINE}
-    ensemble = f"ensemble___{TRAINER}__{PLANS}__3d_fullres___{BASELINE}__nnUNetPlans__3d_fullres___0_1_2_3_4"
+    ensemble = f"ensemble___{TRAINER}__{PLANS}__3d_fullres___{BASELINE}__nnUNetPlans__3d_fullres___0_1"
     assert ensemble in info["all_results"] and len(info["all_results"]) == 3
     assert "nnUNetv2_predict" in (dataset_results / "inference_instructions.txt").read_text()
 
@@ -157,7 +190,7 @@ def test_exported_model_predicts_identically_after_install(nnunet_env, ensemble_
                                                           tmp_path):
     archive = tmp_path / "m4oe.zip"
     nnunet_env.run("nnUNetv2_export_model_to_zip", "-d", D, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
-                   "-o", str(archive))
+                   "-f", *FOLDS, "-o", str(archive))
     elsewhere = tmp_path / "empty_results"
     elsewhere.mkdir()
     env = dict(nnunet_env.env, nnUNet_results=str(elsewhere))
@@ -186,8 +219,8 @@ def test_slurm_array_then_dependent_best_configuration(nnunet_env, cross_validat
     picks the best configuration again."""
     info = model_folder(nnunet_env).parent / "inference_information.json"
     info.unlink()
-    out = nnunet_env.run("moe_nnunet", "cv", "-d", D, "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
-                         "--with", f"{BASELINE}:nnUNetPlans", "--launcher", "slurm", "--script_dir",
+    out = nnunet_env.run("moe_nnunet", "cv", "-d", D, "--folds", *FOLDS, "-tr", TRAINER, "-p", PLANS, "-device",
+                         "cpu", "--with", f"{BASELINE}:nnUNetPlans", "--launcher", "slurm", "--script_dir",
                          str(tmp_path)).stdout
     words = out.split()
     array_id, best_id = words[words.index("array") + 2], words[words.index("then") + 2]
@@ -198,7 +231,7 @@ def test_slurm_array_then_dependent_best_configuration(nnunet_env, cross_validat
         time.sleep(1)
     logs = {p.name: p.read_text() for p in (tmp_path / "logs").glob("*.log")}
     task_logs = [text for name, text in logs.items() if "_best_" not in name]
-    assert len(task_logs) == 5 and all(": done (" in text for text in task_logs)
+    assert len(task_logs) == len(FOLDS) and all(": done (" in text for text in task_logs)
     best_log = next(text for name, text in logs.items() if "_best_" in name)
     assert "best configuration of" in best_log and info.is_file(), best_log[-3000:]
 
