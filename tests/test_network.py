@@ -299,7 +299,7 @@ def test_memory_estimate_grows_with_patch():
     net, _ = build("3d_aniso", True)
     small = net.compute_conv_feature_map_size([12, 40, 24])
     large = net.compute_conv_feature_map_size([24, 80, 48])
-    assert 0 < small < large
+    assert 7.5 < large / small < 8.5  # activations scale with the voxels (8x)
 
 
 def test_invalid_plans_give_clear_errors():
