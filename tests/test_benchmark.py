@@ -48,9 +48,9 @@ def test_synthetic_cpu_compares_both_networks(tmp_path, capsys):
         assert parts["held"] > 0 and sum(parts.values()) == pytest.approx(net["simulated_train_memory_mib"], rel=0.01)
     # at this tiny patch ours peaks in the forward pass (the experts' activations), the baseline in its update
     assert any(k.startswith("forward: encoder.experts") for k in ours["simulated_train_memory_by_part_mib"])
-    # same decoder and stem in both, plus one expert per channel and the gates: ours is larger
-    assert ours["params"] > base["params"] and ours["params_by_part"]["decoder"] == base["params_by_part"]["decoder"]
-    assert ours["inference_flops_by_module"]["encoder.experts.*.stages.0"] > 0
+    # same decoder in both; the experts together are about one nnU-Net encoder (expert_width)
+    assert ours["params"] < 1.5 * base["params"] and ours["params_by_part"]["decoder"] == base["params_by_part"]["decoder"]
+    assert ours["inference_flops_by_module"]["encoder.experts.stages.0"] > 0
     for key, ratio in result["ratios"].items():
         assert ratio == pytest.approx(ours[key] / base[key]), key
     # ResEnc M over the baseline's stages: more blocks in the encoder, one conv per decoder stage

@@ -350,9 +350,9 @@ def test_lesion_datasets(which: str, pyradiomics_data: Path, tmp_path: Path, cap
 
 
 def test_registry_and_raw_root(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    assert set(DATASETS) == {"phantom", "icbm_tissue", "icbm_flair_lesions", "colin27_regions", "lung_ct",
-                             "brain_mri"}
-    assert sorted(s.default_id for s in DATASETS.values()) == [901, 902, 903, 904, 906, 907]  # unique
+    assert set(DATASETS) == {"phantom", "brats_phantom", "icbm_tissue", "icbm_flair_lesions", "colin27_regions",
+                             "lung_ct", "brain_mri"}
+    assert sorted(s.default_id for s in DATASETS.values()) == [901, 902, 903, 904, 906, 907, 908]  # unique
     assert all(s.kind in ("synthetic", "real-derived") for s in DATASETS.values())
     monkeypatch.delenv("nnUNet_raw", raising=False)
     with pytest.raises(ValueError, match="nnUNet_raw"):

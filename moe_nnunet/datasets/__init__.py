@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from moe_nnunet.datasets.brats_phantom import build_brats_phantom
 from moe_nnunet.datasets.colin27 import build_colin27_regions
 from moe_nnunet.datasets.common import resolve_raw_root, write_nnunet_dataset
 from moe_nnunet.datasets.icbm_flair import build_icbm_flair_lesions
@@ -34,6 +35,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "phantom": DatasetSpec(
         build_phantom, "synthetic", 901,
         description="SYNTHETIC 3-channel (T1/T2/FLAIR-named) phantom; each label visible only in known channel(s)"),
+    "brats_phantom": DatasetSpec(
+        build_brats_phantom, "synthetic", 908,
+        description="SYNTHETIC BraTS-like 4-channel (T1/T1c/T2/FLAIR) thin slabs for 2d: edema, core, enhancing rim, "
+                    "each needing several channels, with look-alike decoys"),
     "icbm_tissue": DatasetSpec(
         build_icbm_tissue, "real-derived", 902, needs="pip install nilearn",
         description="REAL ICBM152 2009a T1 template (nilearn), GM/WM labels; cases are derived crops"),
@@ -66,5 +71,5 @@ def build_dataset(name: str, dataset_id: int | None = None, raw_root: str | os.P
     return spec.builder(root, spec.default_id if dataset_id is None else int(dataset_id), **kwargs)
 
 
-__all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_icbm_tissue", "build_lung_ct",
+__all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_brats_phantom", "build_icbm_tissue", "build_lung_ct",
            "build_brain_mri", "build_colin27_regions", "build_icbm_flair_lesions", "fetch_pyradiomics_data", "write_nnunet_dataset"]
