@@ -212,6 +212,30 @@ def test_phantom_intensity_scale_varies_between_cases(phantom) -> None:
     assert (medians.max(0) / medians.min(0) > 3).all()
 
 
+def test_brats_phantom_labels_need_several_channels(tmp_path: Path) -> None:
+    """Each BraTS-like label is ambiguous in any one channel (best intensity window per case) and found by the
+    two-channel rule its docstring states."""
+    from moe_nnunet.datasets.brats_phantom import CHANNELS, LABELS, build_brats_phantom
+
+    folder = build_brats_phantom(tmp_path, 908, num_cases=4)
+    desc = json.loads((folder / "phantom_description.json").read_text())
+    assert desc["synthetic"] and desc["channels"] == list(CHANNELS) and set(desc["label_needs"]) < set(LABELS)
+    grid = np.linspace(1.1, 1.8, 15)
+    for i in range(4):
+        images, label = case_arrays(folder, f"BraTSPhantom_{i:03d}", 4)
+        assert images[0].shape == (8, 80, 80) and set(np.unique(label)) == {0, 1, 2, 3}
+        brain = images[0] > 0.3 * np.percentile(images[0], 75)
+        t1, t1c, t2, flair = (x / np.median(x[brain]) for x in images)
+        oedema_or_rim = (label == LABELS["edema"]) | (label == LABELS["enhancing_tumour"])  # equal in T2 and FLAIR
+        enhancing, core = label == LABELS["enhancing_tumour"], label == LABELS["non_enhancing_core"]
+        for x in images:
+            assert best_threshold_dice(x, oedema_or_rim, interval=True) < 0.85
+            assert best_threshold_dice(x, enhancing, interval=True) < 0.65
+            assert best_threshold_dice(x, core, interval=True) < 0.7
+        assert max(dice((t2 > a) & (flair > b), oedema_or_rim) for a in grid for b in grid) > 0.93
+        assert max(dice((t1c > a) & (t2 > b), enhancing) for a in grid for b in grid - 0.3) > 0.93
+
+
 def test_phantom_other_channel_counts(tmp_path: Path) -> None:
     folder = build_phantom(tmp_path, 911, name="TwoChannel", num_cases=2, channels=("A", "B"))
     assert json.loads((folder / "dataset.json").read_text())["labels"] == {"background": 0, "a_blob": 1, "b_blob": 2}
