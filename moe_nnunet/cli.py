@@ -10,8 +10,8 @@ import importlib
 import sys
 
 # order shown in `moe_nnunet --help`
-COMMANDS = ("plan", "cv", "predict", "robustness", "trainer_path", "datasets", "combine", "merge", "demo", "bench",
-            "report")
+COMMANDS = ("plan", "cv", "predict", "robustness", "compare", "trainer_path", "datasets", "combine", "merge", "demo",
+            "bench", "report")
 
 
 def build_parser() -> argparse.ArgumentParser:

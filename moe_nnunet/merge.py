@@ -176,9 +176,7 @@ def trained_architecture(model: TrainedModel) -> dict[str, Any]:
     name, kwargs = architecture["network_class_name"], architecture["arch_kwargs"]
     trainer = _find_trainer_class(model.trainer)
     if trainer is not None and issubclass(trainer, _Narrow):
-        kwargs["features_per_stage"] = [max(8, f // trainer.WIDTH_DIVISOR) for f in kwargs["features_per_stage"]]
-        if "num_heads" in kwargs:
-            kwargs["num_heads"] = [max(1, h // trainer.WIDTH_DIVISOR) for h in kwargs["num_heads"]]
+        trainer.narrow_kwargs(kwargs)
     if trainer is not None and issubclass(trainer, nnUNetTrainerM4oE) and name != M4OE_NETWORK_CLASS:
         name = M4OE_NETWORK_CLASS
         kwargs = m4oe_arch_kwargs(model.configuration["patch_size"], kwargs, len(_channels(model.dataset_json)))

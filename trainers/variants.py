@@ -75,10 +75,8 @@ class _Narrow:
     WIDTH_DIVISOR = 4
 
     @classmethod
-    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
-                                   num_output_channels: int, enable_deep_supervision: bool = True):
-        configuration = copy.deepcopy(configuration_manager.configuration)
-        kwargs = configuration["architecture"]["arch_kwargs"]
+    def narrow_kwargs(cls, kwargs: dict) -> None:
+        """Narrow planned architecture kwargs in place (also used by `moe_nnunet merge` to rebuild the network)."""
         kwargs["features_per_stage"] = [max(8, f // cls.WIDTH_DIVISOR) for f in kwargs["features_per_stage"]]
         if "expert_features_per_stage" in kwargs:
             kwargs["expert_features_per_stage"] = [max(4, w // cls.WIDTH_DIVISOR)
@@ -87,6 +85,12 @@ class _Narrow:
             widths = kwargs.get("expert_features_per_stage", kwargs["features_per_stage"])
             heads = [max(1, h // cls.WIDTH_DIVISOR) for h in kwargs["num_heads"]]
             kwargs["num_heads"] = [h if w % h == 0 else 1 for h, w in zip(heads, widths)]
+
+    @classmethod
+    def build_network_architecture(cls, plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True):
+        configuration = copy.deepcopy(configuration_manager.configuration)
+        cls.narrow_kwargs(configuration["architecture"]["arch_kwargs"])
         return super().build_network_architecture(plans_manager, ConfigurationManager(configuration),
                                                    num_input_channels, num_output_channels, enable_deep_supervision)
 

@@ -71,5 +71,6 @@ def build_dataset(name: str, dataset_id: int | None = None, raw_root: str | os.P
     return spec.builder(root, spec.default_id if dataset_id is None else int(dataset_id), **kwargs)
 
 
-__all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_brats_phantom", "build_icbm_tissue", "build_lung_ct",
-           "build_brain_mri", "build_colin27_regions", "build_icbm_flair_lesions", "fetch_pyradiomics_data", "write_nnunet_dataset"]
+__all__ = ["DATASETS", "DatasetSpec", "build_dataset", "build_phantom", "build_brats_phantom", "build_icbm_tissue",
+           "build_lung_ct", "build_brain_mri", "build_colin27_regions", "build_icbm_flair_lesions",
+           "fetch_pyradiomics_data", "write_nnunet_dataset"]
