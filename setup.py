@@ -29,6 +29,8 @@ setup(
         "tqdm>=4.60",
         "nilearn>=0.10",
     ],
-    extras_require={"bench": ["monai>=1.3"], "test": ["pytest>=7.4", "pytest-timeout>=2.2", "monai>=1.3"]},
+    extras_require={"bench": ["monai>=1.3"],
+                    "test": ["pytest>=7.4", "pytest-timeout>=2.2", "pytest-xdist>=3.5", "filelock>=3.12",
+                             "monai>=1.3"]},
     entry_points={"console_scripts": ["moe_nnunet=moe_nnunet.cli:main"]},
 )

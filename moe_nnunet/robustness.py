@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["evaluate_missing_modalities", "robustness_table", "held_out_cases", "copy_held_out"]
+__all__ = ["evaluate_missing_modalities", "robustness_table", "held_out_cases", "copy_held_out", "folder_metrics"]
 
 
 def held_out_cases(preprocessed: Path, fold: int) -> list[str]:
@@ -36,6 +36,36 @@ def copy_held_out(raw: Path, cases: Sequence[str], ending: str, output: Path) ->
     return inputs, refs
 
 
+def folder_metrics(refs: Path, pred: Path, reader_writer, ending: str, labels: Sequence, num_processes: int
+                   ) -> dict:
+    """nnU-Net's metrics of every prediction in `pred` against `refs`, written to `pred`/summary.json.
+
+    With `num_processes` >= 1 this is nnU-Net's `compute_metrics_on_folder` (a worker pool); with 0 the cases are
+    scored in this process by nnU-Net's `compute_metrics` and averaged as nnU-Net averages them (mean over cases
+    per label ignoring NaN, then the mean over foreground labels), which saves starting a pool for a few cases.
+    """
+    from nnunetv2.evaluation.evaluate_predictions import (compute_metrics, compute_metrics_on_folder,
+                                                          save_summary_json)
+    from nnunetv2.utilities.json_export import recursive_fix_for_json_export
+    import numpy as np
+
+    if num_processes >= 1:
+        return compute_metrics_on_folder(str(refs), str(pred), str(pred / "summary.json"), reader_writer, ending,
+                                         labels, num_processes=num_processes)
+    files = sorted(f.name for f in pred.iterdir() if f.name.endswith(ending))
+    if not files:
+        raise FileNotFoundError(f"no predictions ending in {ending} in {pred}")
+    cases = [compute_metrics(str(refs / f), str(pred / f), reader_writer, labels) for f in files]
+    metrics = list(cases[0]["metrics"][labels[0]])
+    means = {r: {m: float(np.nanmean([c["metrics"][r][m] for c in cases])) for m in metrics} for r in labels}
+    foreground = {m: float(np.mean([means[r][m] for r in labels if r not in (0, "0")])) for m in metrics}
+    for case in cases:
+        recursive_fix_for_json_export(case)
+    summary = {"metric_per_case": cases, "mean": means, "foreground_mean": foreground}
+    save_summary_json(summary, str(pred / "summary.json"))
+    return summary
+
+
 def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequence[tuple[str, str]],
                                 fold: int, output: str | os.PathLike, device: str = "cpu",
                                 use_mirroring: bool = False, checkpoint: str = "checkpoint_final.pth",
@@ -44,7 +74,6 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
     and each single modality removed. Writes predictions and `robustness.json` under `output`; returns the
     results: {trainer: {condition: {"labels": {name: dice}, "mean": dice, "how": str}}}."""
     import torch
-    from nnunetv2.evaluation.evaluate_predictions import compute_metrics_on_folder
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.file_path_utilities import get_output_folder
@@ -79,10 +108,8 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
             predict_with_missing(predictor, None, str(inputs), str(pred), missing=missing,
                                  zero_fill=mode != "mask", num_processes_preprocessing=num_processes,
                                  num_processes_segmentation_export=num_processes)
-            summary = compute_metrics_on_folder(str(refs), str(pred), str(pred / "summary.json"),
-                                                predictor.plans_manager.image_reader_writer_class(), ending,
-                                                predictor.label_manager.foreground_labels,
-                                                num_processes=max(num_processes, 1))
+            summary = folder_metrics(refs, pred, predictor.plans_manager.image_reader_writer_class(), ending,
+                                     predictor.label_manager.foreground_labels, num_processes)
             per_label = {k: round(float(summary["mean"][v]["Dice"]), 4) for k, v in labels.items()}
             how = "complete" if not missing else ("experts masked" if mode == "mask" else
                                                   "zero-filled" + (" (trained for it)" if mode else ""))

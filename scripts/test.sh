@@ -1,5 +1,11 @@
 #!/usr/bin/env bash
 # Run the test suite (CPU). Creates or reuses the virtualenv first. Extra arguments go to pytest.
+# Two worker processes (pytest-xdist), one test file each at a time, unless the arguments choose (-n, -p no:xdist);
+# MOE_NNUNET_TEST_WORKERS sets their number.
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 cd "$ROOT"
-exec "$VENV/bin/python" -m pytest tests "$@"
+workers=(-n "${MOE_NNUNET_TEST_WORKERS:-2}" --dist loadfile)
+for arg in "$@"; do
+  case "$arg" in -n|-n*|--numprocesses*|no:xdist) workers=() ;; esac
+done
+exec "$VENV/bin/python" -m pytest tests "${workers[@]}" "$@"

@@ -1,15 +1,31 @@
 """Shared fixtures: an nnU-Net folder layout in a temporary directory, a tiny multi-channel dataset, its plans and
-the trained models several test files use (session-scoped: each is made once, whichever file asks first)."""
+the trained models several test files use (session-scoped: each is made once, whichever file asks first).
+
+With pytest-xdist (`scripts/test.sh` runs two workers, one test file per worker at a time), the workers share
+one nnU-Net folder layout: whichever worker first needs the dataset, its plans or a trained model makes it under
+a file lock while the others wait, so nothing is trained twice. Tests that change a shared model work on a copy
+in a results folder of their own (`NNUNetEnv.with_results`).
+"""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 BIN = Path(sys.executable).parent
+WORKER = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ... under pytest-xdist, else None
+# with two workers on two cores, each process computes with one thread, and threads that wait sleep instead of
+# spinning (nnU-Net's CPU training sets torch's threads to the core count whatever it is told)
+THREAD_ENV = {"OMP_NUM_THREADS": "1" if WORKER else "2", "OMP_WAIT_POLICY": "PASSIVE"}
+if WORKER:
+    import torch
+
+    torch.set_num_threads(1)
 TINY_ID = 990
 PLANS = "nnUNetM4oEPlans"
 TRAINER = "nnUNetTrainerM4oE_debug"
@@ -25,7 +41,18 @@ class NNUNetEnv:
         from moe_nnunet.discovery import ext_trainer_dir
         self.env = dict(os.environ, nnUNet_raw=str(self.raw), nnUNet_preprocessed=str(self.preprocessed),
                         nnUNet_results=str(self.results), nnUNet_extTrainer=str(ext_trainer_dir()),
-                        nnUNet_n_proc_DA="2", nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+                        nnUNet_n_proc_DA="2", nnUNet_def_n_proc="1", **THREAD_ENV)
+
+    def with_results(self, results: Path, *models: Path) -> "NNUNetEnv":
+        """The same raw and preprocessed data with another results folder, holding copies of `models` (model
+        folders of this environment, checkpoints included): for tests that change a model the session shares."""
+        other = object.__new__(NNUNetEnv)
+        other.raw, other.preprocessed, other.results = self.raw, self.preprocessed, Path(results)
+        other.env = dict(self.env, nnUNet_results=str(other.results))
+        for model in models:
+            shutil.copytree(model, other.results / model.relative_to(self.results))
+        other.results.mkdir(parents=True, exist_ok=True)
+        return other
 
     def run(self, *cmd: str, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
         """Run a console script of this environment (nnUNetv2_*, moe_nnunet) and capture its output."""
@@ -65,36 +92,68 @@ class NNUNetEnv:
         return self.results / f"Dataset{TINY_ID}_TinyPhantom" / f"{trainer}__{plans}__3d_fullres"
 
 
+def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """This session's temporary folder, or under pytest-xdist the one folder all workers of the run share."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if WORKER else base
+
+
+def made_once(root: Path, name: str, make: Callable[[], object]) -> None:
+    """Run `make` unless an earlier call (in this process or another xdist worker) finished it; concurrent
+    callers wait for the first one. A failed `make` leaves nothing marked done, so the next caller tries again."""
+    from filelock import FileLock
+
+    done = root / f".{name}.done"
+    with FileLock(str(root / f".{name}.lock")):
+        if not done.is_file():
+            make()
+            done.touch()
+
+
 @pytest.fixture(scope="session")
 def nnunet_env(tmp_path_factory) -> NNUNetEnv:
-    return NNUNetEnv(tmp_path_factory.mktemp("nnunet"))
+    return NNUNetEnv(_shared_root(tmp_path_factory) / "nnunet")
 
 
 @pytest.fixture(scope="session")
 def tiny_dataset(nnunet_env) -> Path:
     """The synthetic 3-channel phantom, small enough to train on CPU in seconds (10 cases, 24x40x40)."""
     from moe_nnunet.datasets.phantom import build_phantom
-    return build_phantom(nnunet_env.raw, TINY_ID, name="TinyPhantom", num_cases=10, shape=(24, 40, 40),
-                         spacing=(2.0, 1.0, 1.0))
+
+    folder = nnunet_env.raw / f"Dataset{TINY_ID}_TinyPhantom"
+    made_once(nnunet_env.raw.parent, "tiny_dataset", lambda: build_phantom(
+        nnunet_env.raw, TINY_ID, name="TinyPhantom", num_cases=10, shape=(24, 40, 40), spacing=(2.0, 1.0, 1.0)))
+    return folder
+
+
+def _plan(nnunet_env: NNUNetEnv, preprocessed: Path) -> None:
+    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
+                   "--verify_dataset_integrity", "--no_pp")
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
+    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
+    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
+    # nnU-Net's 5-fold split, written now rather than by whichever training starts first
+    from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.utilities.crossval_split import generate_crossval_split
+
+    cases = sorted(f.name[:-len(".pkl")] for f in (preprocessed / "nnUNetPlans_3d_fullres").glob("*.pkl"))
+    save_json(generate_crossval_split(cases, seed=12345, n_splits=5), str(preprocessed / "splits_final.json"))
 
 
 @pytest.fixture(scope="session")
 def planned(nnunet_env, tiny_dataset):
     """Stock fingerprint + nnU-Net plans, then our planner and the stock preprocessing of its plans. Our 3d_fullres
     shares nnU-Net's preprocessed data (`nnUNetPlans_3d_fullres`), so the one preprocessing serves both plans."""
-    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
-                   "--verify_dataset_integrity", "--no_pp")
-    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
-    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
-    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
-    return nnunet_env.preprocessed / tiny_dataset.name
+    preprocessed = nnunet_env.preprocessed / tiny_dataset.name
+    made_once(nnunet_env.raw.parent, "planned", lambda: _plan(nnunet_env, preprocessed))
+    return preprocessed
 
 
 @pytest.fixture(scope="session")
 def trained(nnunet_env, planned) -> Path:
     """Fold 0 of the M4oE debug model, trained by the stock `nnUNetv2_train` (--npz: cross-validation ready)."""
-    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS,
-                   "-device", "cpu", "--npz")
+    made_once(nnunet_env.raw.parent, "trained", lambda: nnunet_env.run(
+        "nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--npz"))
     return nnunet_env.results / planned.name / f"{TRAINER}__{PLANS}__3d_fullres"
 
 
@@ -105,4 +164,6 @@ BASELINE = "nnUNetTrainerDebug"  # nnU-Net's own network and trainer, on the sam
 def baseline_trained(nnunet_env, planned) -> Path:
     """Fold 0 of nnU-Net's own network on nnU-Net's plans (debug schedule, --npz), trained in this process: the
     second expert of the merge tests and the model M4oE is cross-validated beside."""
-    return nnunet_env.train_in_process("0", BASELINE, "nnUNetPlans")
+    made_once(nnunet_env.raw.parent, "baseline_trained",
+              lambda: nnunet_env.train_in_process("0", BASELINE, "nnUNetPlans"))
+    return nnunet_env.results / planned.name / f"{BASELINE}__nnUNetPlans__3d_fullres"

@@ -14,6 +14,7 @@ import pytest
 
 from moe_nnunet.compare import MODELS, plateau_verdict
 from moe_nnunet.datasets.brats_phantom import CHANNELS, LABELS, build_brats_phantom
+from conftest import THREAD_ENV
 
 BIN = Path(sys.executable).parent
 
@@ -33,7 +34,7 @@ def test_plateau_rule_on_synthetic_curves():
 
 
 def _compare(out: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, nnUNet_def_n_proc="1", OMP_NUM_THREADS="2")
+    env = dict(os.environ, nnUNet_def_n_proc="1", **THREAD_ENV)
     proc = subprocess.run([str(BIN / "moe_nnunet"), "compare", "-d", "brats_phantom", "-o", str(out),
                            "--iterations", "4", "--epoch_iterations", "2", "--val_iterations", "1",
                            "--max_features", "16", "--batch_size", "4"],

@@ -41,13 +41,20 @@ def epochs_in(log: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def resumed(nnunet_env, planned):
+def workflow_env(nnunet_env, trained, baseline_trained, tmp_path_factory):
+    """This module's own results folder, holding copies of the session's fold-0 models: the module adds folds,
+    cross-validation results and ensembles to them, which other test files never see."""
+    return nnunet_env.with_results(tmp_path_factory.mktemp("workflow") / "results", trained, baseline_trained)
+
+
+@pytest.fixture(scope="module")
+def resumed(workflow_env, planned):
     """Fold 1, killed with SIGKILL once its first checkpoint_latest.pth exists, then resumed with --c (--npz: the
     cross-validation below then finds it done)."""
-    fold = model_folder(nnunet_env) / f"fold_{KILLED}"
+    fold = model_folder(workflow_env) / f"fold_{KILLED}"
     cmd = [str(BIN / "nnUNetv2_train"), D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS, "-device", "cpu",
            "--npz"]
-    proc = subprocess.Popen(cmd, env={**nnunet_env.env, "nnUNet_n_proc_DA": "0"}, stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env={**workflow_env.env, "nnUNet_n_proc_DA": "0"}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while not (fold / "checkpoint_latest.pth").is_file():
@@ -60,7 +67,7 @@ def resumed(nnunet_env, planned):
               "latest_epoch": torch.load(fold / "checkpoint_latest.pth", weights_only=False)["current_epoch"],
               "logs": sorted(fold.glob("training_log_*.txt"))}
     time.sleep(1.1)  # nnU-Net names its logs by the second
-    nnunet_env.run("nnUNetv2_train", D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--c",
+    workflow_env.run("nnUNetv2_train", D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--c",
                    "--npz")
     return fold, killed
 
@@ -82,7 +89,7 @@ def test_killed_training_resumes_where_it_stopped(resumed):
     assert (fold / "validation" / "summary.json").is_file() and list((fold / "validation").glob("*.npz"))
 
 
-def test_val_best_validates_the_best_checkpoint(nnunet_env, resumed, tmp_path):
+def test_val_best_validates_the_best_checkpoint(workflow_env, resumed, tmp_path):
     """On a copy of the resumed fold whose checkpoint_best.pth is marked (its output layers' bias made to say
     label 1 at every voxel): `--val --val_best` validates with that checkpoint, not checkpoint_final.pth."""
     fold, _ = resumed
@@ -98,7 +105,7 @@ def test_val_best_validates_the_best_checkpoint(nnunet_env, resumed, tmp_path):
     for k in heads:
         best["network_weights"][k] = torch.tensor([0.0, 100.0, 0.0, 0.0, 0.0])
     torch.save(best, copy / fold.name / "checkpoint_best.pth")
-    env = dict(nnunet_env.env, nnUNet_results=str(tmp_path / "results"), nnUNet_n_proc_DA="0")
+    env = dict(workflow_env.env, nnUNet_results=str(tmp_path / "results"), nnUNet_n_proc_DA="0")
     out = subprocess.run([str(BIN / "nnUNetv2_train"), D, "3d_fullres", KILLED, "-tr", TRAINER, "-p", PLANS,
                           "-device", "cpu", "--val", "--val_best", "--npz"], env=env, capture_output=True, text=True,
                          timeout=600)
@@ -117,22 +124,22 @@ def test_val_best_validates_the_best_checkpoint(nnunet_env, resumed, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def cross_validated(nnunet_env, trained, resumed, baseline_trained) -> dict[str, str]:
+def cross_validated(workflow_env, resumed) -> dict[str, str]:
     """`moe_nnunet cv` over folds 0 and 1: nnU-Net's network has fold 0 (`baseline_trained`) and gets fold 1
     trained; M4oE has both (`trained`, the resumed run) and only the best-configuration step is left."""
     cv = ["moe_nnunet", "cv", "-d", D, "--folds", *FOLDS, "-device", "cpu"]
-    baseline = nnunet_env.run(*cv, "-tr", BASELINE, "-p", "nnUNetPlans", "--no_best").stdout
-    m4oe = nnunet_env.run(*cv, "-tr", TRAINER, "-p", PLANS, "--with", f"{BASELINE}:nnUNetPlans").stdout
+    baseline = workflow_env.run(*cv, "-tr", BASELINE, "-p", "nnUNetPlans", "--no_best").stdout
+    m4oe = workflow_env.run(*cv, "-tr", TRAINER, "-p", PLANS, "--with", f"{BASELINE}:nnUNetPlans").stdout
     return {"baseline": baseline, "m4oe": m4oe}
 
 
-def test_cv_trains_the_missing_folds_and_finds_the_best_configuration(nnunet_env, cross_validated):
+def test_cv_trains_the_missing_folds_and_finds_the_best_configuration(workflow_env, cross_validated):
     baseline, m4oe = cross_validated["baseline"], cross_validated["m4oe"]
     assert "3d_fullres fold 0: done" in baseline and "3d_fullres fold 1: train" in baseline
     assert "3d_fullres fold 0: done" in m4oe and "3d_fullres fold 1: done" in m4oe and ": train" not in m4oe
     assert "best configuration of" in m4oe and "best configuration of" not in baseline  # --no_best
     for trainer, plans in ((TRAINER, PLANS), (BASELINE, "nnUNetPlans")):
-        folder = model_folder(nnunet_env, trainer, plans)
+        folder = model_folder(workflow_env, trainer, plans)
         for f in FOLDS:
             assert (folder / f"fold_{f}" / "checkpoint_final.pth").is_file()
             assert list((folder / f"fold_{f}" / "validation").glob("*.npz"))
@@ -140,7 +147,7 @@ def test_cv_trains_the_missing_folds_and_finds_the_best_configuration(nnunet_env
         assert set(cv_summary["mean"]) == {"1", "2", "3", "4"}
         # the cross-validation covers both folds' held-out cases: 2 + 2 of the 10
         assert len(cv_summary["metric_per_case"]) == 4
-    dataset_results = model_folder(nnunet_env).parent
+    dataset_results = model_folder(workflow_env).parent
     info = json.loads((dataset_results / "inference_information.json").read_text())
     assert {m["trainer"] for m in info["considered_models"]} == {TRAINER, BASELINE}
     ensemble = f"ensemble___{TRAINER}__{PLANS}__3d_fullres___{BASELINE}__nnUNetPlans__3d_fullres___0_1"
@@ -158,18 +165,18 @@ def test_images(tiny_dataset, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ensemble_predictions(nnunet_env, cross_validated, test_images, tmp_path_factory) -> dict[str, Path]:
+def ensemble_predictions(workflow_env, cross_validated, test_images, tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("predictions")
     folders = {name: out / name for name in ("m4oe", "baseline", "ensemble", "postprocessed")}
     for name, trainer, plans in (("m4oe", TRAINER, PLANS), ("baseline", BASELINE, "nnUNetPlans")):
-        nnunet_env.run("nnUNetv2_predict", "-i", str(test_images), "-o", str(folders[name]), "-d", D, "-c",
+        workflow_env.run("nnUNetv2_predict", "-i", str(test_images), "-o", str(folders[name]), "-d", D, "-c",
                        "3d_fullres", "-f", *FOLDS, "-tr", trainer, "-p", plans, "--save_probabilities",
                        *PREDICT_FLAGS)
-    nnunet_env.run("nnUNetv2_ensemble", "-i", str(folders["m4oe"]), str(folders["baseline"]), "-o",
+    workflow_env.run("nnUNetv2_ensemble", "-i", str(folders["m4oe"]), str(folders["baseline"]), "-o",
                    str(folders["ensemble"]), "-np", "1")
-    info = json.loads((model_folder(nnunet_env).parent / "inference_information.json").read_text())
+    info = json.loads((model_folder(workflow_env).parent / "inference_information.json").read_text())
     best = info["best_model_or_ensemble"]
-    nnunet_env.run("nnUNetv2_apply_postprocessing", "-i", str(folders["ensemble"]), "-o",
+    workflow_env.run("nnUNetv2_apply_postprocessing", "-i", str(folders["ensemble"]), "-o",
                    str(folders["postprocessed"]), "-pp_pkl_file", best["postprocessing_file"], "-np", "1",
                    "-plans_json", best["some_plans_file"])
     return folders
@@ -186,14 +193,14 @@ def test_ensemble_predictions_are_valid_segmentations(ensemble_predictions, test
     assert list(ensemble_predictions["m4oe"].glob("*.npz"))
 
 
-def test_exported_model_predicts_identically_after_install(nnunet_env, ensemble_predictions, test_images,
+def test_exported_model_predicts_identically_after_install(workflow_env, ensemble_predictions, test_images,
                                                           tmp_path):
     archive = tmp_path / "m4oe.zip"
-    nnunet_env.run("nnUNetv2_export_model_to_zip", "-d", D, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
+    workflow_env.run("nnUNetv2_export_model_to_zip", "-d", D, "-c", "3d_fullres", "-tr", TRAINER, "-p", PLANS,
                    "-f", *FOLDS, "-o", str(archive))
     elsewhere = tmp_path / "empty_results"
     elsewhere.mkdir()
-    env = dict(nnunet_env.env, nnUNet_results=str(elsewhere))
+    env = dict(workflow_env.env, nnUNet_results=str(elsewhere))
     subprocess.run([str(BIN / "nnUNetv2_install_pretrained_model_from_zip"), str(archive)], env=env, check=True,
                    capture_output=True)
     out = tmp_path / "installed"
@@ -214,12 +221,12 @@ def _slurm_answers() -> bool:
 
 @pytest.mark.skipif(not _slurm_answers(), reason="no SLURM controller answers here (CI starts one with "
                                                  "scripts/slurm_localhost.sh)")
-def test_slurm_array_then_dependent_best_configuration(nnunet_env, cross_validated, tmp_path):
+def test_slurm_array_then_dependent_best_configuration(workflow_env, cross_validated, tmp_path):
     """The same cross-validation submitted to SLURM: every task finds its fold done, then the dependent job
     picks the best configuration again."""
-    info = model_folder(nnunet_env).parent / "inference_information.json"
+    info = model_folder(workflow_env).parent / "inference_information.json"
     info.unlink()
-    out = nnunet_env.run("moe_nnunet", "cv", "-d", D, "--folds", *FOLDS, "-tr", TRAINER, "-p", PLANS, "-device",
+    out = workflow_env.run("moe_nnunet", "cv", "-d", D, "--folds", *FOLDS, "-tr", TRAINER, "-p", PLANS, "-device",
                          "cpu", "--with", f"{BASELINE}:nnUNetPlans", "--launcher", "slurm", "--script_dir",
                          str(tmp_path)).stdout
     words = out.split()
