@@ -7,7 +7,7 @@ import subprocess
 import pytest
 import torch
 
-from moe_nnunet import cv
+from moe_nnunet.workflow import cv
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints, UnreadableCheckpointError, load_checkpoint_file
 
 

@@ -208,7 +208,7 @@ def test_two_stage_training_chains_through_pretrained_weights(nnunet_env, planne
 
 
 def test_gate_statistics_average_per_label_and_per_case_modality():
-    from moe_nnunet.gate_stats import GateStatistics
+    from moe_nnunet.training.gate_stats import GateStatistics
     stats = GateStatistics(["CT", "MRI"], {0: "background", 1: "lesion"}, ["CT", "MRI"])
     weights = torch.zeros(2, 2, 1, 2, 2)
     weights[0, 0], weights[0, 1] = 1.0, 0.0          # case 0 (a CT case): all on the CT expert

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_nnunet.cli import main
-from moe_nnunet.report import make_report
+from moe_nnunet.evaluation.report import make_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,6 +1,6 @@
 """`moe_nnunet bench`: our network against nnU-Net's own networks (and MONAI's SwinUNETR), measured in one run.
 
-The measuring itself lives in `moe_nnunet.benchmark`; this module only parses arguments.
+The measuring itself lives in `moe_nnunet.profiling.benchmark`; this module only parses arguments.
 """
 from __future__ import annotations
 
@@ -114,7 +114,7 @@ def _json_object(text: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_nnunet import benchmark
+    from moe_nnunet.profiling import benchmark
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:

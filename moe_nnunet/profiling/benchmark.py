@@ -3,7 +3,7 @@
 Both networks are built from plans kwargs through nnU-Net's `get_network_from_plans`, get the same input,
 the same nnU-Net loss (deep-supervision Dice + cross-entropy) and nnU-Net's SGD, and are timed in
 alternation (ours, baseline, ours, baseline, ...) so that a noisy machine slows both alike. Reference
-networks (`moe_nnunet.bench_references`: nnU-Net's ResEnc M, MONAI's SwinUNETR) join the alternation when
+networks (`moe_nnunet.profiling.references`: nnU-Net's ResEnc M, MONAI's SwinUNETR) join the alternation when
 asked for with `add_references`.
 
 Two ways to describe what to measure:
@@ -41,9 +41,9 @@ from torch import nn
 from moe_nnunet.training import MoETrainingLoss
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, sdpa_backward_flop_count, sdpa_flop_count
 
-from moe_nnunet.bench_references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
+from moe_nnunet.profiling.references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
                                          swinunetr_unavailable)
-from moe_nnunet.memory import (GIB, NNUNET_REFERENCE, planner_units_to_gib, simulate_training_memory,
+from moe_nnunet.profiling.memory import (GIB, NNUNET_REFERENCE, planner_units_to_gib, simulate_training_memory,
                                training_memory_in_planner_units)
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 
@@ -630,7 +630,7 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         peak_tflops: the device's peak TFLOP/s for the precision used; with it, model FLOP utilisation
             (training-step FLOPs / median step time / peak) is reported.
         simulate: nothing is timed or allocated: parameters, FLOPs, the simulated training memory and the
-            planner's estimate, all on fake tensors (`moe_nnunet.memory`), in seconds even at 128³ on a
+            planner's estimate, all on fake tensors (`moe_nnunet.profiling.memory`), in seconds even at 128³ on a
             CPU. `device`, `iterations`, `warmup`, `compile`, `measure_memory` and `peak_tflops` are unused.
         case_size: also time nnU-Net's sliding-window prediction of a whole case of this size (random
             values, the networks' channels) with each network, `case_repeats` times after one warm-up
@@ -756,7 +756,7 @@ def _simulated_benchmark(setup: BenchmarkSetup, bf16: bool, command: str | None,
     """`run_benchmark(..., simulate=True)`: parameters, FLOPs and memory of every network on fake tensors."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from moe_nnunet.memory import fake_network
+    from moe_nnunet.profiling.memory import fake_network
 
     for spec in setup.networks:
         _check_patch(spec, setup.patch_size)

@@ -245,7 +245,7 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
     """Peak memory of nnU-Net training steps of one network, on fake tensors (see the module docstring).
 
     Args:
-        spec: a `moe_nnunet.benchmark.NetworkSpec` (class, kwargs, channels, outputs).
+        spec: a `moe_nnunet.profiling.benchmark.NetworkSpec` (class, kwargs, channels, outputs).
         patch_size: spatial input size.
         batch_size: samples per step.
         bf16: bfloat16 autocast, as `moe_nnunet bench --bf16` (nnU-Net's float16 autocast keeps the same bytes).
@@ -258,7 +258,7 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from moe_nnunet.benchmark import _Runner
+    from moe_nnunet.profiling.benchmark import _Runner
 
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer={optimizer!r}: use 'sgd' or 'adamw'.")
