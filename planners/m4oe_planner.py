@@ -52,7 +52,7 @@ class M4oEPlanner(ExperimentPlanner):
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
                                    arch_kwargs, arch_kwargs_req_import):
         """Simulated training peak at the reference batch size, in nnU-Net's units (see the class docstring)."""
-        from moe_nnunet.profiling.benchmark import NetworkSpec
+        from moe_nnunet.profiling.spec import NetworkSpec
 
         patch = [int(i) for i in patch_size]
         kwargs = self._moe_kwargs(patch, arch_kwargs)
