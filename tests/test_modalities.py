@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import PLANS, TINY_ID
+from moe_nnunet.evaluation.model_folder import parse_model_folder_name
 from moe_nnunet.networks.config import m4oe_arch_kwargs
 from moe_nnunet.networks.m4oe_unet import M4oEUNet
 from moe_nnunet.training import sample_modality_dropout
@@ -114,7 +115,7 @@ def _predict(env, inp, out, trainer, plans, *extra, check=True):
 
 
 def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, trained, tiny_dataset, tmp_path):
-    trainer = trained.name.split("__")[0]
+    trainer = parse_model_folder_name(trained.name).trainer
     cases = ["TinyPhantom_000", "TinyPhantom_001"]
     inp = tmp_path / "in"
     _copy_cases(tiny_dataset, inp, cases)
@@ -136,8 +137,8 @@ def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, traine
 
 def test_predict_refuses_unknown_channel_names(nnunet_env, trained, tiny_dataset, tmp_path):
     _copy_cases(tiny_dataset, tmp_path / "in", ["TinyPhantom_000"])
-    proc = _predict(nnunet_env, tmp_path / "in", tmp_path / "out", trained.name.split("__")[0], PLANS,
-                    "--missing", "PD", check=False)
+    trainer = parse_model_folder_name(trained.name).trainer
+    proc = _predict(nnunet_env, tmp_path / "in", tmp_path / "out", trainer, PLANS, "--missing", "PD", check=False)
     assert proc.returncode == 1 and "--missing PD" in proc.stderr and "0001=T2" in proc.stderr
 
 

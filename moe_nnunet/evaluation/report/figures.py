@@ -199,8 +199,10 @@ def _grey(ax, image: np.ndarray | None, shape, aspect: float) -> None:
 
 def _panel_title(title: str, width: int = 16) -> str:
     """A model name on short lines, so that neighbouring panel titles do not run into each other."""
+    from moe_nnunet.evaluation.model_folder import parse_model_folder_name
+
     lines = []
-    for part in title.split("__"):
+    for part in parse_model_folder_name(title) or (title,):
         if len(part) > width and part.startswith("nnUNetTrainer"):
             lines += ["nnUNetTrainer", part[len("nnUNetTrainer"):]]
         else:

@@ -68,12 +68,14 @@ def _load_logging(fold_dir: Path) -> dict:
 
 def load_model(folder: str | os.PathLike) -> Model:
     """Read a trained model folder; raises FileNotFoundError / ValueError with what to do about it."""
+    from moe_nnunet.evaluation.model_folder import parse_model_folder_name
+
     path = Path(folder).expanduser().resolve()
     if not path.is_dir():
         raise FileNotFoundError(f"{path} is not a folder; give a trained model folder such as "
                                 f"$nnUNet_results/Dataset001_Name/nnUNetTrainer__nnUNetPlans__3d_fullres")
-    parts = path.name.split("__")
-    if len(parts) != 3:
+    parts = parse_model_folder_name(path.name)
+    if parts is None:
         raise ValueError(f"{path.name} is not named <Trainer>__<Plans>__<configuration> like nnU-Net's model folders; "
                          f"give the folder inside $nnUNet_results/DatasetXXX_Name/")
     fold_dirs = sorted((p for p in path.glob("fold_*") if p.is_dir()),
