@@ -8,9 +8,9 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from moe_nnunet.datasets.combine import experts_from_dataset_json
-from moe_nnunet.profiling.memory import training_memory_in_planner_units
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.networks.m4oe_unet import M4oEUNet
+from moe_nnunet.profiling.memory import training_memory_in_planner_units
 
 __all__ = ["M4oEPlanner"]
 

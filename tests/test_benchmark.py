@@ -126,8 +126,7 @@ def test_swinunetr_reference_is_measured_with_nnunets_loss():
 
 
 def test_references_are_skipped_or_refused_with_the_reason(monkeypatch):
-    from moe_nnunet.profiling import references
-    from moe_nnunet.profiling import add_references, synthetic_setup
+    from moe_nnunet.profiling import add_references, references, synthetic_setup
     real_find_spec = references.importlib.util.find_spec
     monkeypatch.setattr(references.importlib.util, "find_spec",
                         lambda name, *a: None if name == "monai" else real_find_spec(name, *a))

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_nnunet.evaluation.compare import MODELS, plateau_verdict
 from moe_nnunet.datasets.brats_phantom import CHANNELS, LABELS, build_brats_phantom
+from moe_nnunet.evaluation.compare import MODELS, plateau_verdict
 
 BIN = Path(sys.executable).parent
 

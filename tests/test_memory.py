@@ -10,7 +10,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from moe_nnunet.profiling import synthetic_setup
 from moe_nnunet.profiling.memory import (GIB, NNUNET_REFERENCE, LiveTensorBytes, _AsOnCuda, planner_units_to_gib,
-                               simulate_training_memory, training_memory_in_planner_units)
+                                         simulate_training_memory, training_memory_in_planner_units)
 from conftest import TINY_ID
 
 MIB = 2 ** 20

@@ -7,8 +7,8 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_nnunet.workflow import cv
     from moe_nnunet.discovery import ensure_ext_trainer_env
+    from moe_nnunet.workflow import cv
 
     ensure_ext_trainer_env()
     try:

@@ -15,8 +15,7 @@ from dataclasses import replace
 from typing import Any, Sequence
 
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
-from moe_nnunet.profiling.references import (REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs,
-                                             swinunetr_unavailable)
+from moe_nnunet.profiling.references import REFERENCES, RESENC_UNET, SWIN_UNETR, resenc_m_kwargs, swinunetr_unavailable
 from moe_nnunet.profiling.spec import BenchmarkSetup, NetworkSpec
 
 __all__ = ["default_conv_unet_kwargs", "synthetic_setup", "plans_setup", "add_references", "override_ours",
