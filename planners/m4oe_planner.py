@@ -8,9 +8,9 @@ import numpy as np
 from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
 
 from moe_nnunet.datasets.combine import experts_from_dataset_json
-from moe_nnunet.memory import training_memory_in_planner_units
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.networks.m4oe_unet import M4oEUNet
+from moe_nnunet.profiling.memory import training_memory_in_planner_units
 
 __all__ = ["M4oEPlanner"]
 
@@ -20,7 +20,7 @@ class M4oEPlanner(ExperimentPlanner):
 
     nnU-Net shrinks the patch until the network's memory estimate fits the GPU-memory target. Here the
     estimate is the peak memory of one of our training steps at nnU-Net's reference batch size (2 in 3D,
-    12 in 2D), counted on fake tensors by `moe_nnunet.memory.simulate_training_memory` (16-bit autocast,
+    12 in 2D), counted on fake tensors by `moe_nnunet.profiling.memory.simulate_training_memory` (16-bit autocast,
     deep supervision, AdamW as our trainers), and handed to nnU-Net in its units: a plan then fits when
     that peak at batch 2 (3D) is at most the target, and nnU-Net's batch-size rule scales from there. So
     the experts' cost decides the patch size. Should the simulation fail for an architecture, the
@@ -52,7 +52,7 @@ class M4oEPlanner(ExperimentPlanner):
     def static_estimate_VRAM_usage(self, patch_size, input_channels, output_channels, arch_class_name,
                                    arch_kwargs, arch_kwargs_req_import):
         """Simulated training peak at the reference batch size, in nnU-Net's units (see the class docstring)."""
-        from moe_nnunet.benchmark import NetworkSpec
+        from moe_nnunet.profiling.spec import NetworkSpec
 
         patch = [int(i) for i in patch_size]
         kwargs = self._moe_kwargs(patch, arch_kwargs)

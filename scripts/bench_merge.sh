@@ -44,15 +44,15 @@ GENERAL="$nnUNet_results/Dataset${G}_MergePhantom/${TR}__nnUNetPlans__3d_fullres
 SPECIALIST="$nnUNet_results/Dataset${S}_MergePhantomSpecialist/${TR}__nnUNetPlans_general__3d_fullres"
 MERGED="$nnUNet_results/Dataset${G}_MergePhantom/${GATE}__nnUNetMergedPlans__3d_fullres"
 
-step prepare "$RAW_G" python -m moe_nnunet.merge_bench prepare "$nnUNet_raw" "$G" \
+step prepare "$RAW_G" python -m moe_nnunet.profiling.merge_bench prepare "$nnUNet_raw" "$G" \
   --num_train "${NUM_TRAIN:-20}" --num_test "${NUM_TEST:-10}"
 step plan_general "$PRE_G/nnUNetPlans_3d_fullres" nnUNetv2_plan_and_preprocess -d "$G" -c 3d_fullres "${NP[@]}" \
   -npfp "$nnUNet_def_n_proc" --verify_dataset_integrity
 step train_general "$GENERAL/fold_0/checkpoint_final.pth" nnUNetv2_train "$G" 3d_fullres 0 -tr "$TR" -device "$DEVICE"
 
-LABEL="$(python -m moe_nnunet.merge_bench weakest "$GENERAL/fold_0/validation/summary.json" "$RAW_G/dataset.json")"
+LABEL="$(python -m moe_nnunet.profiling.merge_bench weakest "$GENERAL/fold_0/validation/summary.json" "$RAW_G/dataset.json")"
 echo "the general model's weakest label on its fold-0 validation: $LABEL"
-step derive "$RAW_S" python -m moe_nnunet.merge_bench derive "$nnUNet_raw" "$G" "$S" MergePhantomSpecialist "$LABEL"
+step derive "$RAW_S" python -m moe_nnunet.profiling.merge_bench derive "$nnUNet_raw" "$G" "$S" MergePhantomSpecialist "$LABEL"
 # nnU-Net's recipe for fine-tuning on another dataset: plan it, then give it the pretrained model's plans
 step plan_specialist "$PRE_S/dataset.json" nnUNetv2_plan_and_preprocess -d "$S" -c 3d_fullres --no_pp \
   -npfp "$nnUNet_def_n_proc"
@@ -80,7 +80,7 @@ for m in general specialist merged; do
   step "evaluate_$m" "$OUT/pred_$m/summary.json" nnUNetv2_evaluate_folder "$RAW/labelsTs" "$OUT/pred_$m" \
     -djfile "$RAW/dataset.json" -pfile "$MODEL/plans.json" "${NP[@]}"
 done
-python -m moe_nnunet.merge_bench table "$OUT/dice.json" \
+python -m moe_nnunet.profiling.merge_bench table "$OUT/dice.json" \
   "general=$OUT/pred_general/summary.json:$RAW_G/dataset.json" \
   "specialist ($LABEL)=$OUT/pred_specialist/summary.json:$RAW_S/dataset.json" \
   "merged=$OUT/pred_merged/summary.json:$RAW_G/dataset.json" | tee "$OUT/dice.md"

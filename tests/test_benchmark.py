@@ -67,8 +67,9 @@ def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
     """--simulate: parameters, FLOPs and simulated memory on fake tensors, the same figures as the real run's."""
     import torch
 
-    from moe_nnunet.benchmark import _Runner, synthetic_setup
-    from moe_nnunet.memory import simulate_training_memory
+    from moe_nnunet.profiling import synthetic_setup
+    from moe_nnunet.profiling.memory import simulate_training_memory
+    from moe_nnunet.profiling.runner import Runner
     out = tmp_path / "sim.json"
     argv = ["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
             "--references", "none", "--simulate", "--json", str(out)]
@@ -83,7 +84,7 @@ def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
         net, real = result["networks"][spec.name], spec.build()
         assert "train_ms" not in net and "train_memory_mib" not in net
         assert net["params"] == sum(p.numel() for p in real.parameters())
-        counted = _Runner(spec, (8, 16, 16), 1, False, torch.device("cpu"), False).count_flops()  # on real tensors
+        counted = Runner(spec, (8, 16, 16), 1, False, torch.device("cpu"), False).count_flops()  # on real tensors
         assert (net["train_flops"], net["inference_flops"]) == (counted["train_flops"], counted["inference_flops"])
         simulated = simulate_training_memory(spec, (8, 16, 16), 1, bf16=False).peak_bytes
         assert net["simulated_train_memory_mib"] == pytest.approx(simulated / 2 ** 20)
@@ -105,7 +106,7 @@ def test_simulate_counts_and_sizes_without_timing(tmp_path, capsys):
 
 
 def test_case_size_must_match_the_patch():
-    from moe_nnunet.benchmark import run_benchmark, synthetic_setup
+    from moe_nnunet.profiling import run_benchmark, synthetic_setup
     setup = synthetic_setup(channels=2, patch_size=(8, 16, 16), batch_size=1)
     with pytest.raises(ValueError, match="needs 3 positive sizes"):
         run_benchmark(setup, "cpu", case_size=(12, 20))
@@ -114,21 +115,20 @@ def test_case_size_must_match_the_patch():
 def test_swinunetr_reference_is_measured_with_nnunets_loss():
     """MONAI's SwinUNETR-48 as a reference (2D, 64 x 64: its smallest patch), one output, no deep supervision."""
     pytest.importorskip("monai")
-    from moe_nnunet.benchmark import add_references, run_benchmark, synthetic_setup
+    from moe_nnunet.profiling import add_references, run_benchmark, synthetic_setup
     setup = add_references(synthetic_setup(channels=1, patch_size=(64, 64), batch_size=1), ["swinunetr"])
     result = run_benchmark(setup, "cpu", iterations=1, warmup=0, measure_memory=False)
     swin = result["networks"]["swinunetr"]
-    assert swin["class"] == "moe_nnunet.bench_references.SwinUNETRForBench" and swin["planner_estimate"] is None
+    assert swin["class"] == "moe_nnunet.profiling.references.SwinUNETRForBench" and swin["planner_estimate"] is None
     assert swin["train_ms"] > 0 and swin["train_flops"] > 2 * swin["inference_flops"] > 0
     assert result["ratios_to"]["swinunetr"]["params"] == pytest.approx(
         result["networks"]["ours"]["params"] / swin["params"])
 
 
 def test_references_are_skipped_or_refused_with_the_reason(monkeypatch):
-    from moe_nnunet import bench_references
-    from moe_nnunet.benchmark import add_references, synthetic_setup
-    real_find_spec = bench_references.importlib.util.find_spec
-    monkeypatch.setattr(bench_references.importlib.util, "find_spec",
+    from moe_nnunet.profiling import add_references, references, synthetic_setup
+    real_find_spec = references.importlib.util.find_spec
+    monkeypatch.setattr(references.importlib.util, "find_spec",
                         lambda name, *a: None if name == "monai" else real_find_spec(name, *a))
     setup = add_references(synthetic_setup(channels=1, patch_size=(64, 64, 64)), ["swinunetr"])
     assert setup.references == [] and "pip install monai" in setup.skipped["swinunetr"]
@@ -171,7 +171,7 @@ def preprocessed(tmp_path, monkeypatch) -> Path:
 
 @pytest.mark.parametrize("baseline_plans", ["nnUNetPlans", "NoSuchPlans"])
 def test_plans_setup_reads_channels_labels_and_baseline(preprocessed, baseline_plans):
-    from moe_nnunet.benchmark import plans_setup
+    from moe_nnunet.profiling import plans_setup
     _write_preprocessed(preprocessed, "nnUNetPlans")
     setup = plans_setup(991, "3d_fullres", plans="nnUNetPlans", baseline_plans=baseline_plans)
     assert setup.patch_size == [8, 16, 16] and setup.batch_size == 2

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from moe_nnunet.compare import MODELS, plateau_verdict
 from moe_nnunet.datasets.brats_phantom import CHANNELS, LABELS, build_brats_phantom
+from moe_nnunet.evaluation.compare import MODELS, plateau_verdict
 from conftest import THREAD_ENV
 
 BIN = Path(sys.executable).parent
@@ -94,7 +94,7 @@ class _Stop(Exception):
 def test_compare_reuses_finished_models_and_resumes_stopped_ones(compared, monkeypatch):
     """Run again: finished trainings are reused, a stopped one (checkpoint_latest, no final) continues with --c,
     and another budget is refused instead of mixed with the trained one."""
-    from moe_nnunet import compare
+    from moe_nnunet.evaluation import compare
 
     out, _ = compared
     report = json.loads((out / "comparison.json").read_text())

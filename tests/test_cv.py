@@ -7,8 +7,8 @@ import subprocess
 import pytest
 import torch
 
-from moe_nnunet import cv
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints, UnreadableCheckpointError, load_checkpoint_file
+from moe_nnunet.workflow import cv
 
 
 def test_fold_status_follows_the_files_nnunet_writes(tmp_path):

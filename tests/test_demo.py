@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_nnunet.demo import MODES, SETTINGS, Pipeline, demo_table, run_demo
-from moe_nnunet.report import write_demo_overview
+from moe_nnunet.evaluation.report import write_demo_overview
 from conftest import PLANS, TINY_ID, TRAINER
 from test_report import CHROMIUM, CHROMIUM_FLAGS, PNG_SIGNATURE
 

@@ -17,8 +17,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from moe_nnunet.gate_stats import GateStatistics
 from moe_nnunet.training import allow_unused_parameters
+from moe_nnunet.training.gate_stats import GateStatistics
 from test_network import build
 
 WORLD = 2

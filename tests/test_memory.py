@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from moe_nnunet.benchmark import synthetic_setup
-from moe_nnunet.memory import (GIB, NNUNET_REFERENCE, LiveTensorBytes, _AsOnCuda, planner_units_to_gib,
-                               simulate_training_memory, training_memory_in_planner_units)
+from moe_nnunet.profiling import synthetic_setup
+from moe_nnunet.profiling.memory import (GIB, NNUNET_REFERENCE, LiveTensorBytes, _AsOnCuda, planner_units_to_gib,
+                                         simulate_training_memory, training_memory_in_planner_units)
 from conftest import TINY_ID
 
 MIB = 2 ** 20
@@ -102,7 +102,7 @@ def test_reference_values_are_nnunets():
 def test_planner_shrinks_the_patch_until_the_simulated_step_fits(nnunet_env, planned):
     """A 0.15 GB target: our planner's 3d_fullres plan is smaller than at 8 GB, and its batch-2 training step,
     simulated as the planner does, fits in 0.15 GiB."""
-    from moe_nnunet.benchmark import NetworkSpec
+    from moe_nnunet.profiling import NetworkSpec
 
     nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "-gpu_memory_target", "0.15",
                    "-overwrite_plans_name", "nnUNetM4oEPlans_small")

@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from conftest import PLANS, TINY_ID
+from moe_nnunet.evaluation.model_folder import parse_model_folder_name
 from moe_nnunet.networks.config import m4oe_arch_kwargs
 from moe_nnunet.networks.m4oe_unet import M4oEUNet
 from moe_nnunet.training import sample_modality_dropout
@@ -114,7 +115,7 @@ def _predict(env, inp, out, trainer, plans, *extra, check=True):
 
 
 def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, trained, tiny_dataset, tmp_path):
-    trainer = trained.name.split("__")[0]
+    trainer = parse_model_folder_name(trained.name).trainer
     cases = ["TinyPhantom_000", "TinyPhantom_001"]
     inp = tmp_path / "in"
     _copy_cases(tiny_dataset, inp, cases)
@@ -136,8 +137,8 @@ def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, traine
 
 def test_predict_refuses_unknown_channel_names(nnunet_env, trained, tiny_dataset, tmp_path):
     _copy_cases(tiny_dataset, tmp_path / "in", ["TinyPhantom_000"])
-    proc = _predict(nnunet_env, tmp_path / "in", tmp_path / "out", trained.name.split("__")[0], PLANS,
-                    "--missing", "PD", check=False)
+    trainer = parse_model_folder_name(trained.name).trainer
+    proc = _predict(nnunet_env, tmp_path / "in", tmp_path / "out", trainer, PLANS, "--missing", "PD", check=False)
     assert proc.returncode == 1 and "--missing PD" in proc.stderr and "0001=T2" in proc.stderr
 
 
@@ -208,7 +209,7 @@ def test_two_stage_training_chains_through_pretrained_weights(nnunet_env, planne
 
 
 def test_gate_statistics_average_per_label_and_per_case_modality():
-    from moe_nnunet.gate_stats import GateStatistics
+    from moe_nnunet.training.gate_stats import GateStatistics
     stats = GateStatistics(["CT", "MRI"], {0: "background", 1: "lesion"}, ["CT", "MRI"])
     weights = torch.zeros(2, 2, 1, 2, 2)
     weights[0, 0], weights[0, 1] = 1.0, 0.0          # case 0 (a CT case): all on the CT expert

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from moe_nnunet.cli import main
-from moe_nnunet.report import make_report
+from moe_nnunet.evaluation.report import make_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -125,3 +125,15 @@ def test_unusable_folders_are_named_with_the_fix(trained, tmp_path, capsys):
     other = copy_as(trained, tmp_path / "Dataset991_Other" / "nnUNetTrainer__nnUNetPlans__3d_fullres")
     assert main(["report", str(trained), "--baseline", str(other), "-o", str(tmp_path / "out")]) == 1
     assert "same dataset" in capsys.readouterr().err
+
+
+def test_a_folder_not_named_like_a_trained_model_is_refused(tmp_path, capsys):
+    from moe_nnunet.evaluation.model_folder import parse_model_folder_name
+
+    assert parse_model_folder_name("nnUNetTrainerM4oE__nnUNetM4oEPlans__3d_fullres") == (
+        "nnUNetTrainerM4oE", "nnUNetM4oEPlans", "3d_fullres")
+    folder = tmp_path / "Dataset990_TinyPhantom" / "nnUNetTrainer__3d_fullres"
+    folder.mkdir(parents=True)
+    assert parse_model_folder_name(folder.name) is None
+    assert main(["report", str(folder)]) == 1
+    assert "is not named <Trainer>__<Plans>__<configuration>" in capsys.readouterr().err

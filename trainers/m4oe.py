@@ -13,12 +13,12 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 from torch import nn
 
-from moe_nnunet.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints
 from moe_nnunet.trainers.modality import ModalityDropout
 from moe_nnunet.training import (MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups, unwrapped,
                                  allow_unused_parameters)
+from moe_nnunet.training.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
 
 __all__ = ["nnUNetTrainerM4oE"]
 

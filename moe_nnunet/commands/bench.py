@@ -1,6 +1,6 @@
 """`moe_nnunet bench`: our network against nnU-Net's own networks (and MONAI's SwinUNETR), measured in one run.
 
-The measuring itself lives in `moe_nnunet.benchmark`; this module only parses arguments.
+The measuring itself lives in `moe_nnunet.profiling`; this module only parses arguments.
 """
 from __future__ import annotations
 
@@ -114,24 +114,24 @@ def _json_object(text: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from moe_nnunet import benchmark
+    from moe_nnunet import profiling
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
         if args.synthetic:
-            setup = benchmark.synthetic_setup(args.channels or 4, args.patch_size or (128, 128, 128),
+            setup = profiling.synthetic_setup(args.channels or 4, args.patch_size or (128, 128, 128),
                                               args.batch_size or 2, args.num_classes)
         else:
             if args.dataset is None or args.configuration is None:
                 print("moe_nnunet bench: error: give -d DATASET and -c CONFIGURATION, or --synthetic",
                       file=sys.stderr)
                 return 2
-            setup = benchmark.plans_setup(args.dataset, args.configuration, args.plans, args.baseline_plans,
+            setup = profiling.plans_setup(args.dataset, args.configuration, args.plans, args.baseline_plans,
                                           args.patch_size, args.batch_size, args.channels)
         if args.ours_arch:
-            benchmark.override_ours(setup, _json_object(args.ours_arch))
-        benchmark.add_references(setup, _references(args))
-        result = benchmark.run_benchmark(
+            profiling.override_ours(setup, _json_object(args.ours_arch))
+        profiling.add_references(setup, _references(args))
+        result = profiling.run_benchmark(
             setup, device, args.iterations, args.warmup, args.bf16, args.compile, not args.no_memory,
             command_line(args, device), progress=lambda message: print(f"[bench] {message}", file=sys.stderr),
             peak_tflops=args.peak_tflops, simulate=args.simulate, case_size=args.case_size,
@@ -139,8 +139,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"moe_nnunet bench: error: {e}", file=sys.stderr)
         return 2
-    print(benchmark.format_report(result))
+    print(profiling.format_report(result))
     if args.json:
-        benchmark.write_json(result, args.json)
+        profiling.write_json(result, args.json)
         print(f"\nwritten: {args.json}")
     return 0

@@ -7,7 +7,7 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_nnunet.compare import CompareError, comparison_table, run_compare
+    from moe_nnunet.evaluation.compare import CompareError, comparison_table, run_compare
 
     try:
         report = run_compare(args.d, args.o, iterations=args.iterations, epoch_iterations=args.epoch_iterations,

@@ -7,8 +7,8 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_nnunet import cv
     from moe_nnunet.discovery import ensure_ext_trainer_env
+    from moe_nnunet.workflow import cv
 
     ensure_ext_trainer_env()
     try:
@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _find_best(dataset: str, models: list[dict], folds: list[str]) -> int:
-    from moe_nnunet import cv
+    from moe_nnunet.workflow import cv
 
     names = ", ".join(f"{m['trainer']}__{m['plans']}__{m['configuration']}" for m in models)
     print(f"moe_nnunet cv: best configuration of {names} over folds {' '.join(folds)}", flush=True)
@@ -48,7 +48,7 @@ def _find_best(dataset: str, models: list[dict], folds: list[str]) -> int:
 
 
 def _slurm(args: argparse.Namespace, runs: list, best_folds: list[str] | None) -> int:
-    from moe_nnunet import cv
+    from moe_nnunet.workflow import cv
 
     if shutil.which("sbatch") is None:
         print("moe_nnunet cv: error: sbatch not found; run this on a SLURM login node, or use --launcher local.",

@@ -9,8 +9,8 @@ PROG = "moe_nnunet merge"
 
 def run(args: argparse.Namespace) -> int:
     from moe_nnunet.discovery import ensure_ext_trainer_env
-    from moe_nnunet.merge import MergeError, merge_models
     from moe_nnunet.trainers.checkpointing import UnreadableCheckpointError
+    from moe_nnunet.workflow.merge import MergeError, merge_models
 
     ensure_ext_trainer_env()  # to find the models' trainers (ours among them)
     try:

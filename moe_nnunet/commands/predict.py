@@ -16,8 +16,8 @@ def run(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from moe_nnunet.discovery import ensure_ext_trainer_env
-    from moe_nnunet.model_folder import ModelFolderError, UnreadableCheckpointError, check_model_folder
-    from moe_nnunet.predict import MissingModalityError, MissingModalityPredictor, predict_with_missing
+    from moe_nnunet.evaluation.model_folder import ModelFolderError, UnreadableCheckpointError, check_model_folder
+    from moe_nnunet.evaluation.predict import MissingModalityError, MissingModalityPredictor, predict_with_missing
 
     ensure_ext_trainer_env()
     if args.part_id >= args.num_parts:

@@ -9,7 +9,7 @@ PROG = "moe_nnunet report"
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_nnunet.report import make_report
+    from moe_nnunet.evaluation.report import make_report
 
     try:
         page = make_report(args.results_folder, args.o, args.baseline, args.robustness)

@@ -6,7 +6,7 @@ import sys
 
 
 def run(args: argparse.Namespace) -> int:
-    from moe_nnunet.robustness import evaluate_missing_modalities
+    from moe_nnunet.evaluation.robustness import evaluate_missing_modalities
 
     if len(args.p) not in (1, len(args.tr)):
         print("moe_nnunet robustness: give one -p for all trainers or one per -tr.", file=sys.stderr)
@@ -19,7 +19,7 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, RuntimeError, ValueError) as e:
         print(f"moe_nnunet robustness: error: {e}", file=sys.stderr)
         return 1
-    from moe_nnunet.robustness import robustness_table
+    from moe_nnunet.evaluation.robustness import robustness_table
     print(robustness_table(report))
     print(f"written: {args.o}/robustness.json, robustness.md")
     return 0

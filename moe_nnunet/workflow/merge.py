@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
+from moe_nnunet.evaluation.model_folder import parse_model_folder_name
 from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, SELECTIONS, build_expert, map_labels_by_name
 from moe_nnunet.trainers.checkpointing import load_checkpoint_file
 from moe_nnunet.trainers.merge import EXPERTS_KEY
@@ -66,9 +67,9 @@ def read_trained_model(path: str | os.PathLike, dataset_name: str | None = None)
     if not folder.is_dir():
         raise MergeError(f"model folder {path} does not exist (give the path of a trained model's folder, "
                          f"TRAINER__PLANS__CONFIGURATION, or such a name in $nnUNet_results/{dataset_name}).")
-    parts = folder.resolve().name.split("__")
+    parts = parse_model_folder_name(folder.resolve().name)
     missing = [f for f in ("plans.json", "dataset.json") if not (folder / f).is_file()]
-    if len(parts) != 3 or missing:
+    if parts is None or missing:
         raise MergeError(f"{folder} is not a trained nnU-Net model folder: it needs the name "
                          f"TRAINER__PLANS__CONFIGURATION and plans.json, dataset.json" +
                          (f" (missing: {', '.join(missing)})." if missing else "."))

@@ -4,21 +4,36 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 from moe_nnunet.trainers.checkpointing import UnreadableCheckpointError, load_checkpoint_file
 
-__all__ = ["ModelFolderError", "UnreadableCheckpointError", "check_model_folder"]
+__all__ = ["ModelFolderError", "UnreadableCheckpointError", "check_model_folder", "ModelFolderName",
+           "parse_model_folder_name"]
 
 
 class ModelFolderError(ValueError):
     """A trained model that cannot be used as asked (names what is wrong and the fix)."""
 
 
+class ModelFolderName(NamedTuple):
+    trainer: str
+    plans: str
+    configuration: str
+
+
+def parse_model_folder_name(name: str) -> ModelFolderName | None:
+    """The parts of nnU-Net's name for a trained model folder, `TRAINER__PLANS__CONFIGURATION`; None for a name
+    that is not one."""
+    parts = name.split("__")
+    return ModelFolderName(*parts) if len(parts) == 3 else None
+
+
 def _trained_models(dataset_results: Path) -> list[str]:
     if not dataset_results.is_dir():
         return []
-    return sorted(p.name for p in dataset_results.iterdir() if p.is_dir() and p.name.count("__") == 2)
+    return sorted(p.name for p in dataset_results.iterdir()
+                  if p.is_dir() and parse_model_folder_name(p.name) is not None)
 
 
 def check_model_folder(dataset: str, trainer: str, plans: str, configuration: str, folds: Sequence,

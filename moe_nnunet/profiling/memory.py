@@ -35,6 +35,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from moe_nnunet.profiling.runner import Runner
+
 __all__ = ["MemoryEstimate", "LiveTensorBytes", "simulate_training_memory", "fake_network", "format_parts",
            "NNUNET_REFERENCE", "planner_units_to_gib", "training_memory_in_planner_units"]
 
@@ -245,7 +247,7 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
     """Peak memory of nnU-Net training steps of one network, on fake tensors (see the module docstring).
 
     Args:
-        spec: a `moe_nnunet.benchmark.NetworkSpec` (class, kwargs, channels, outputs).
+        spec: a `moe_nnunet.profiling.spec.NetworkSpec` (class, kwargs, channels, outputs).
         patch_size: spatial input size.
         batch_size: samples per step.
         bf16: bfloat16 autocast, as `moe_nnunet bench --bf16` (nnU-Net's float16 autocast keeps the same bytes).
@@ -258,16 +260,14 @@ def simulate_training_memory(spec, patch_size, batch_size: int, bf16: bool = Tru
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from moe_nnunet.benchmark import _Runner
-
     if optimizer not in ("sgd", "adamw"):
         raise ValueError(f"optimizer={optimizer!r}: use 'sgd' or 'adamw'.")
     counter = LiveTensorBytes()
     mode = FakeTensorMode()
     net = fake_network(spec, mode)
     with mode:
-        runner = _Runner(spec, list(patch_size), batch_size, batch_dice, torch.device("cpu"), bf16, net=net,
-                         curriculum=curriculum)
+        runner = Runner(spec, list(patch_size), batch_size, batch_dice, torch.device("cpu"), bf16, net=net,
+                        curriculum=curriculum)
         if optimizer == "adamw":
             runner.optimizer = torch.optim.AdamW(runner.net.parameters(), lr=1e-4, weight_decay=1e-2,
                                                  foreach=True)

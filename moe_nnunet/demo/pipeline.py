@@ -8,7 +8,7 @@ Settings (each a dataset, its models and its evaluation; ``SETTINGS``):
   held-out cases of both modalities are then predicted with stock ``nnUNetv2_predict``.
 * ``phantom`` -- the SYNTHETIC 3-channel phantom (each label visible only in known channels). nnU-Net, nnU-Net with
   modality dropout (``nnUNetTrainerChannelDropout``) and M4oE are trained the same way, then the held-out cases are
-  predicted with the full input and with each modality removed in turn (``moe_nnunet.robustness``).
+  predicted with the full input and with each modality removed in turn (``moe_nnunet.evaluation.robustness``).
 
 Each step is a stock nnU-Net program or ours, run as a subprocess with its output in ``logs/`` and a progress bar,
 and is reused when its output exists (``--fresh`` redoes everything). The output folder then holds ``report.html``
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_nnunet.discovery import ext_trainer_dir
-from moe_nnunet.robustness import copy_held_out, held_out_cases
+from moe_nnunet.evaluation.robustness import copy_held_out, held_out_cases
 
 M4OE_PLANS = "nnUNetM4oEPlans"
 CONFIGURATION = "3d_fullres"
@@ -272,7 +272,7 @@ def run_setting(pipe: Pipeline, setting: Setting, mode: str) -> dict:
 def run_demo(output: Path, device: str = "cpu", fresh: bool = False, quick: bool = False,
              settings: tuple[str, ...] = tuple(s.key for s in SETTINGS)) -> dict:
     """Run the chosen settings in `output`; write summary.json and report.html there; return the summary."""
-    from moe_nnunet.report import versions, write_demo_overview
+    from moe_nnunet.evaluation.report import versions, write_demo_overview
 
     if fresh and output.exists():
         shutil.rmtree(output)

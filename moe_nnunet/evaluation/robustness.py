@@ -1,7 +1,7 @@
 """How much a trained model loses when a modality is missing: per-label Dice on a fold's held-out cases with
 the full input and with each modality removed in turn, side by side for several trainers.
 
-Predictions go through `moe_nnunet.predict` (nnU-Net's predictor; M4oE masks experts, the others get the
+Predictions go through `moe_nnunet.evaluation.predict` (nnU-Net's predictor; M4oE masks experts, the others get the
 channel zero-filled after normalisation, as `nnUNetTrainer` would see it), Dice through nnU-Net's own
 `compute_metrics_on_folder` against the raw labels.
 """
@@ -80,7 +80,7 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from moe_nnunet.discovery import ensure_ext_trainer_env
-    from moe_nnunet.predict import MissingModalityPredictor, missing_mode, predict_with_missing
+    from moe_nnunet.evaluation.predict import MissingModalityPredictor, missing_mode, predict_with_missing
 
     ensure_ext_trainer_env()
     name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)

@@ -20,7 +20,7 @@ __all__ = ["REFERENCES", "RESENC_UNET", "SWIN_UNETR", "resenc_m_kwargs", "swinun
 
 REFERENCES = ("resenc_m", "swinunetr")
 RESENC_UNET = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet"
-SWIN_UNETR = "moe_nnunet.bench_references.SwinUNETRForBench"
+SWIN_UNETR = "moe_nnunet.profiling.references.SwinUNETRForBench"
 # nnU-Net's ResEncUNetMPlanner: residual blocks per encoder stage, one conv per decoder stage
 _RESENC_M_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)
 # SwinUNETR halves the resolution five times (patch embedding + four Swin stages)

@@ -2,10 +2,10 @@
 
 The script builds the scenario with stock nnU-Net programs; these are the few steps that are not a program:
 
-    python -m moe_nnunet.merge_bench prepare RAW ID --num_train 20 --num_test 10   # phantom + test cases
-    python -m moe_nnunet.merge_bench weakest VALIDATION_SUMMARY DATASET_JSON         # label to specialise in
-    python -m moe_nnunet.merge_bench derive RAW SOURCE_ID NEW_ID NAME LABEL          # dataset with that label only
-    python -m moe_nnunet.merge_bench table OUT_JSON NAME=SUMMARY:DATASET_JSON ...     # per-label Dice table
+    python -m moe_nnunet.profiling.merge_bench prepare RAW ID --num_train 20 --num_test 10    # phantom + test cases
+    python -m moe_nnunet.profiling.merge_bench weakest VALIDATION_SUMMARY DATASET_JSON        # label to specialise in
+    python -m moe_nnunet.profiling.merge_bench derive RAW SOURCE_ID NEW_ID NAME LABEL         # dataset with that label only
+    python -m moe_nnunet.profiling.merge_bench table OUT_JSON NAME=SUMMARY:DATASET_JSON ...   # per-label Dice table
 """
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def derive_label_subset(raw: Path, source_id: int, dataset_id: int, name: str, k
             mapped.CopyInformation(image)
             sitk.WriteImage(mapped, str(folder / labels / f.name), useCompression=True)
     dataset.update(name=name, labels={"background": 0, **{k: i for i, k in enumerate(keep, start=1)}},
-                   description=f"{source.name} with only the labels {list(keep)} (moe_nnunet.merge_bench)")
+                   description=f"{source.name} with only the labels {list(keep)} (moe_nnunet.profiling.merge_bench)")
     (folder / "dataset.json").write_text(json.dumps(dataset, indent=2), encoding="utf-8")
     return folder
 
@@ -107,7 +107,7 @@ def dice_table(models: dict[str, tuple[Path, Path]], labels: Sequence[str]) -> t
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_nnunet.merge_bench", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m moe_nnunet.profiling.merge_bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="step", required=True)
     p = sub.add_parser("prepare")

@@ -23,7 +23,7 @@ from typing import Callable, Sequence
 
 from moe_nnunet.datasets import DATASETS
 from moe_nnunet.discovery import ext_trainer_dir
-from moe_nnunet.robustness import robustness_table
+from moe_nnunet.evaluation.robustness import robustness_table
 
 __all__ = ["MODELS", "CompareError", "plateau_verdict", "compare_plans", "write_compare_plans", "read_curves",
            "plot_curves", "comparison_table", "run_compare"]
