@@ -209,3 +209,23 @@ def test_missing_dataset_or_plans_is_a_clear_error(preprocessed, capsys, write_p
     assert expected in err and "moe_nnunet bench: error" in err
     if write_plans:
         assert "moe_nnunet plan -d 991" in err and "nnUNetPlans" in err
+
+
+@pytest.mark.parametrize("patch, batch", [((80, 80), 12), ((64, 64, 64), 2)], ids=["2d_80", "3d_64"])
+def test_planned_experts_cost_about_one_nnunet_encoder(patch, batch):
+    """The planner's expert widths (`expert_width`) keep four experts at nnU-Net's cost: training FLOPs within
+    1.2x and parameters within 1.5x of PlainConvUNet on the same topology, counted on fake tensors; with one
+    expert the widths are nnU-Net's."""
+    from moe_nnunet.networks.config import m4oe_arch_kwargs
+    from moe_nnunet.profiling import run_benchmark, synthetic_setup
+
+    setup = synthetic_setup(channels=4, patch_size=patch, batch_size=batch)
+    result = run_benchmark(setup, simulate=True)
+    assert result["ratios"]["train_flops"] <= 1.2 and result["ratios"]["params"] <= 1.5, result["ratios"]
+    features = setup.baseline.arch_kwargs["features_per_stage"]
+    one = m4oe_arch_kwargs(list(patch), setup.baseline.arch_kwargs, 4, expert_channels=[[0, 1, 2, 3]])
+    assert one["expert_features_per_stage"] == features
+    # stage 0 holds nnU-Net's activations (E experts of F/E channels), every Swin stage attends in one window
+    assert setup.ours.arch_kwargs["expert_features_per_stage"][0] * 4 == features[0]
+    depths = setup.ours.arch_kwargs["swin_depths"]
+    assert all(d in (0, 1) for d in depths) and any(depths)
