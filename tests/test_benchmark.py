@@ -229,3 +229,27 @@ def test_planned_experts_cost_about_one_nnunet_encoder(patch, batch):
     assert setup.ours.arch_kwargs["expert_features_per_stage"][0] * 4 == features[0]
     depths = setup.ours.arch_kwargs["swin_depths"]
     assert all(d in (0, 1) for d in depths) and any(depths)
+
+
+def test_simulate_shows_both_phases_of_our_training_memory(tmp_path, capsys):
+    """--simulate: our trainer's step (AdamW) during the expert curriculum (heads and their losses live) and after
+    it, for our network only; the curriculum phase needs at least as much as the later one."""
+    from moe_nnunet.profiling import synthetic_setup
+    from moe_nnunet.profiling.memory import simulate_training_memory
+    out = tmp_path / "phases.json"
+    assert main(["bench", "--synthetic", "--channels", "2", "--patch_size", "8", "16", "16", "--batch_size", "1",
+                 "--references", "none", "--simulate", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    table = printed.split("ours, by part")[0]
+    rows = {line[:40].strip(): line[40:].split() for line in table.splitlines()}
+    during, after = rows["simulated, curriculum phase, MiB"], rows["simulated, after the curriculum, MiB"]
+    assert len(during) == 1 and len(after) == 1  # ours alone: the baseline's cell is blank, not "n/a"
+    assert "our trainer's step (AdamW)" in printed and "n/a" not in table
+
+    ours, base = (json.loads(out.read_text())["networks"][n] for n in ("ours", "baseline"))
+    curriculum, later = ours["simulated_train_memory_curriculum_mib"], ours["simulated_train_memory_after_curriculum_mib"]
+    assert curriculum >= later > 0
+    assert not any("curriculum" in key for key in base)
+    spec = synthetic_setup(channels=2, patch_size=(8, 16, 16), batch_size=1).ours
+    expected = simulate_training_memory(spec, (8, 16, 16), 1, bf16=False, optimizer="adamw").peak_bytes / 2 ** 20
+    assert later == pytest.approx(expected)

@@ -117,6 +117,21 @@ def _simulated_memory(spec: NetworkSpec, setup: BenchmarkSetup, bf16: bool) -> d
             "simulated_train_memory_by_part_mib": {k: v / MIB for k, v in estimate.by_part.items()}}
 
 
+def _curriculum_phases(spec: NetworkSpec, setup: BenchmarkSetup, bf16: bool) -> dict[str, Any]:
+    """Our trainer's step (AdamW) simulated in both phases of its expert curriculum: during it (the first
+    `curriculum_epochs`: the expert heads and their losses live) and after it. The baseline has no curriculum."""
+    phases = {}
+    for key, curriculum in (("simulated_train_memory_curriculum_mib", True),
+                            ("simulated_train_memory_after_curriculum_mib", False)):
+        try:
+            estimate = simulate_training_memory(spec, setup.patch_size, setup.batch_size, bf16=bf16,
+                                                batch_dice=setup.batch_dice, optimizer="adamw", curriculum=curriculum)
+        except Exception as error:  # noqa: BLE001 - reported, the other figures still stand
+            return {"simulated_train_memory_phases_error": f"{type(error).__name__}: {first_line(error)}"}
+        phases[key] = estimate.peak_bytes / MIB
+    return phases
+
+
 def _ours_planner_estimate(spec: NetworkSpec, patch: Sequence[int], fallback: float) -> float:
     """What `M4oEPlanner` hands nnU-Net for this network and patch (its fallback if the simulation fails)."""
     try:
@@ -168,8 +183,8 @@ def run_benchmark(setup: BenchmarkSetup, device: str = "cpu", iterations: int = 
         progress: called with a short message before each phase.
         peak_tflops: the device's peak TFLOP/s for the precision used; with it, model FLOP utilisation
             (training-step FLOPs / median step time / peak) is reported.
-        simulate: nothing is timed or allocated: parameters, FLOPs, the simulated training memory and the
-            planner's estimate, all on fake tensors (`moe_nnunet.profiling.memory`), in seconds even at 128³ on a
+        simulate: nothing is timed or allocated: parameters, FLOPs, the simulated training memory (for ours also
+            our trainer's step during and after its expert curriculum) and the planner's estimate, all on fake tensors (`moe_nnunet.profiling.memory`), in seconds even at 128³ on a
             CPU. `device`, `iterations`, `warmup`, `compile`, `measure_memory` and `peak_tflops` are unused.
         case_size: also time nnU-Net's sliding-window prediction of a whole case of this size (random
             values, the networks' channels) with each network, `case_repeats` times after one warm-up
@@ -311,6 +326,10 @@ def _simulated_benchmark(setup: BenchmarkSetup, bf16: bool, command: str | None,
     if progress is not None:
         progress(f"{time.perf_counter() - began:7.1f} s  simulating each network's training-step memory")
     _add_simulated_memory(networks, setup, bf16)
+    if progress is not None:
+        progress(f"{time.perf_counter() - began:7.1f} s  ours: our trainer's step during and after the expert "
+                 f"curriculum")
+    networks["ours"].update(_curriculum_phases(setup.ours, setup, bf16))
     return _result(setup, networks, command, "not measured: --simulate (see the simulated rows)",
                    {"type": "none", "name": "none (fake tensors)", "load_average_before": None,
                     "load_average_after": None},

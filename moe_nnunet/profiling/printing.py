@@ -8,6 +8,11 @@ from typing import Any
 __all__ = ["format_report", "write_json"]
 
 
+LABEL = 40  # width of the row labels
+# figures of our network alone: the two phases of its trainer's expert curriculum
+OURS_ONLY = ("simulated_train_memory_curriculum_mib", "simulated_train_memory_after_curriculum_mib")
+
+
 def _fmt(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -27,6 +32,8 @@ def format_report(result: dict[str, Any]) -> str:
         ("  its peak memory, MiB", "sliding_window_memory_mib", 1, 0),
         ("training peak memory, MiB", "train_memory_mib", 1, 0),
         ("  simulated (fake tensors), MiB", "simulated_train_memory_mib", 1, 0),
+        ("  simulated, curriculum phase, MiB", "simulated_train_memory_curriculum_mib", 1, 0),
+        ("  simulated, after the curriculum, MiB", "simulated_train_memory_after_curriculum_mib", 1, 0),
         ("  planner's estimate, MiB", "planner_memory_mib", 1, 0),
         ("inference peak memory, MiB", "inference_memory_mib", 1, 0),
         ("parameters, M", "params", 1e-6, 2),
@@ -53,15 +60,23 @@ def format_report(result: dict[str, Any]) -> str:
                      f"{'on' if s['mirroring'] else 'off'}, {s['case_repeats']} measured per network")
     lines += [f"{n} ({networks[n]['class'].rsplit('.', 1)[-1]}): {networks[n]['origin']}" for n in names]
     lines += [f"{n}: skipped ({why})" for n, why in result.get("skipped", {}).items()]
-    lines += ["", f"{'':36}" + "".join(f"{c:>{width}}" for c in columns)]
+    lines += ["", f"{'':{LABEL}}" + "".join(f"{c:>{width}}" for c in columns)]
     for label, key, scale, digits in rows:
         values = [networks[n].get(key) for n in names]
         if all(v is None for v in values):
             continue
-        cells = [_fmt(None if v is None else v * scale, digits) for v in values]
+        # a figure only our network has (its curriculum) is left blank for the others, not "n/a"
+        cells = ["" if v is None and key in OURS_ONLY else _fmt(None if v is None else v * scale, digits)
+                 for v in values]
         cells += [_fmt(ratios_to[n][key], 2) if key in ratios_to[n] else "" for n in ratios_to]
-        lines.append(f"{label:36}" + "".join(f"{c:>{width}}" for c in cells))
-    lines += ["", f"memory: {result['memory_method']}", ""]
+        lines.append(f"{label:{LABEL}}" + "".join(f"{c:>{width}}" for c in cells))
+    lines += [""]
+    if any(key in networks["ours"] for key in OURS_ONLY):
+        lines.append("curriculum phase / after the curriculum: our trainer's step (AdamW), with the expert heads and "
+                     "their losses (its first curriculum_epochs) / without them")
+    if "simulated_train_memory_phases_error" in networks["ours"]:
+        lines.append(f"curriculum phases not simulated: {networks['ours']['simulated_train_memory_phases_error']}")
+    lines += [f"memory: {result['memory_method']}", ""]
     return "\n".join(lines + _our_parts(networks["ours"]))
 
 
@@ -77,10 +92,10 @@ def _our_parts(ours: dict[str, Any]) -> list[str]:
     rows += [("gates", sum(gates) if gates else None, params.get("encoder.gates")),
              ("expert heads (curriculum only)", None, params.get("encoder.heads")),
              ("decoder", flops.get("decoder"), params.get("decoder"))]
-    lines = [f"{'ours, by part':36}{'inference GFLOP':>22}{'parameters, M':>30}"]
+    lines = [f"{'ours, by part':{LABEL}}{'inference GFLOP':>22}{'parameters, M':>30}"]
     for label, f, p in rows:
         if f is not None or p is not None:
-            lines.append(f"{label:36}{_fmt(None if f is None else f * 1e-9):>22}"
+            lines.append(f"{label:{LABEL}}{_fmt(None if f is None else f * 1e-9):>22}"
                          f"{_fmt(None if p is None else p * 1e-6, 2):>30}")
     return lines
 
