@@ -11,7 +11,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 import torch.nn.functional as F
 from torch import nn
 
-from moe_nnunet.networks import M4OE_NETWORK_CLASS, ExpertGate, M4oEUNet, m4oe_arch_kwargs
+from moe_nnunet.networks import M4OE_NETWORK_CLASS, ExpertGate, M4oEUNet, MoEEncoder, m4oe_arch_kwargs
 from moe_nnunet.networks.swin import (SwinBlock, WindowAttention, _window_attention_mask, window_partition,
                                      window_reverse)
 
@@ -35,8 +35,10 @@ CASES = {
 }
 
 
-def build(name: str, deep_supervision: bool, num_classes: int = 3, **overrides) -> tuple[nn.Module, list]:
-    patch, strides, channels = CASES[name]
+def build(name: str, deep_supervision: bool, num_classes: int = 3, channels: int | None = None, **overrides
+          ) -> tuple[nn.Module, list]:
+    patch, strides, default_channels = CASES[name]
+    channels = channels or default_channels
     kwargs = m4oe_arch_kwargs(patch, conv_kwargs(len(patch), strides), channels)
     kwargs.update(overrides)
     net = get_network_from_plans(M4OE_NETWORK_CLASS, kwargs, REQ_IMPORT, channels, num_classes,
@@ -269,6 +271,128 @@ def test_absent_expert_does_not_change_the_output():
         assert not torch.allclose(net(x), net(y))
     out = train_output(net, x, present=present)
     assert (out["gate_weights"][:, 1] == 0).all() and (out["gate_means"][:, 1] == 0).all()
+
+
+# the absent experts of a batch: (configuration, experts, absent, gate_top_k). With top-k and at most k experts
+# present, the masked gate still renormalises its weights (in float32, the router's precision) while the narrowed
+# gate has nothing to drop, so the two agree only to float32 rounding: top-k is tested with more than k present.
+SKIPPING = [("3d_aniso", 3, [1], None), ("3d_aniso", 3, [0, 2], None), ("2d", 4, [2], 2), ("2d", 4, [0, 3], None)]
+
+
+def _uneven_network(name: str, experts: int, **overrides) -> tuple[M4oEUNet, list]:
+    """A float64 network in eval whose gates are far from even, so that every expert's weight matters."""
+    torch.manual_seed(0)
+    net, patch = build(name, True, channels=experts, drop_path_rate=0.0, **overrides)
+    for p in net.encoder.gates.parameters():
+        nn.init.normal_(p, std=0.5)
+    return net.double().eval(), patch
+
+
+def _masked_and_skipping(net: M4oEUNet, x: torch.Tensor, present: torch.Tensor) -> tuple[list, list]:
+    """Eval outputs with the absent experts computed and masked, and with them skipped."""
+    with torch.no_grad():
+        net.skip_absent_experts = False
+        masked = net(x, present)
+        net.skip_absent_experts = True
+        with net.experts_present(present):
+            return masked, net(x)
+
+
+@pytest.mark.parametrize("name,experts,absent,top_k", SKIPPING)
+def test_skipping_absent_experts_equals_masking_them(name, experts, absent, top_k):
+    """In eval, experts absent from the whole batch (one mask, (E,) or (B, E) with equal rows, as the predictor
+    sets it) are not computed; the logits and the recorded gate means are those of the masked full network."""
+    net, patch = _uneven_network(name, experts, gate_top_k=top_k)
+    x = torch.randn(2, experts, *patch, dtype=torch.float64)
+    present = torch.ones(experts, dtype=torch.bool)
+    present[absent] = False
+    kept = tuple(e for e in range(experts) if e not in absent)
+    net.record_gate_means = True
+    masked, skipping = _masked_and_skipping(net, x, present)
+    skipping_means = net.last_gate_means
+    for m, s in zip(masked, skipping):
+        torch.testing.assert_close(s, m, rtol=0, atol=1e-10)
+    subset = net.expert_subset(kept)
+    assert subset.experts.stages[0].blocks[0].groups == subset.gates[0].num_experts == len(kept)
+    with torch.no_grad():
+        for out, s in zip(net(x, present.expand(2, -1)), skipping):  # (B, E) with equal rows
+            torch.testing.assert_close(out, s, rtol=0, atol=0)
+        net.skip_absent_experts = False
+        net(x, present)
+    assert skipping_means.shape == (len(CASES[name][1]), experts) and (skipping_means[:, absent] == 0).all()
+    torch.testing.assert_close(skipping_means, net.last_gate_means, rtol=0, atol=1e-10)
+
+
+def _expert_slices(net: M4oEUNet, e: int) -> list[torch.Tensor]:
+    """Views of every encoder weight that belongs to expert e alone, in the batched experts' layout: blocks of
+    1/E along the output channels (grouped convs, norms) or the leading expert axis (Swin projections and
+    norms), along the heads of the bias tables, along the input channels of the routers' hidden layers."""
+    hidden = {gate.hidden for gate in net.encoder.gates}
+    views = []
+    for module in [*net.encoder.experts.modules(), *net.encoder.gates.modules()]:
+        axis = 1 if isinstance(module, WindowAttention) or module in hidden else 0
+        for name, p in module.named_parameters(recurse=False):
+            if not (module in hidden and name == "bias"):  # shared by all experts
+                width = p.shape[axis] // net.num_experts
+                views.append(p.narrow(axis, e * width, width))
+    return views
+
+
+def test_skipped_experts_weights_and_channel_are_not_read():
+    """NaN in an absent expert's weights and in its input channel: masking computes the expert and is NaN,
+    skipping never reads them and gives the masked network's logits from before the NaNs."""
+    net, patch = _uneven_network("3d_aniso", 3)
+    x = torch.randn(2, 3, *patch, dtype=torch.float64)
+    present = torch.tensor([True, False, True])
+    reference, _ = _masked_and_skipping(net, x, present)
+    views = _expert_slices(net, 1)
+    expert_axis = [p for m in (net.encoder.experts, net.encoder.gates) for n, p in m.named_parameters()
+                   if not n.endswith("hidden.bias")]
+    assert 3 * sum(v.numel() for v in views) == sum(p.numel() for p in expert_axis)  # a third of every weight
+    with torch.no_grad():
+        for view in views:
+            view.fill_(float("nan"))
+    x[:, 1] = float("nan")
+    masked, skipping = _masked_and_skipping(net, x, present)
+    assert all(torch.isnan(m).any() for m in masked)
+    for r, s in zip(reference, skipping):
+        torch.testing.assert_close(s, r, rtol=0, atol=1e-10)
+
+
+def test_expert_subsets_are_cached_and_dropped_when_weights_may_change(monkeypatch):
+    """The narrowed encoder is built once per set of present experts and reused, never for training, a batch
+    whose samples differ, or a forward that needs gradients; `train()`, `load_state_dict`, a dtype change and
+    an in-place weight change drop it. It is no part of the network's parameters or checkpoint."""
+    built = []
+    select = MoEEncoder.select_experts
+    monkeypatch.setattr(MoEEncoder, "select_experts", lambda self, kept: built.append(kept) or select(self, kept))
+    net, patch = _uneven_network("2d", 3)
+    keys, n_params = set(net.state_dict()), len(list(net.parameters()))
+    x = torch.randn(2, 3, *patch, dtype=torch.float64)
+    first, second = torch.tensor([True, False, True]), torch.tensor([False, True, True])
+
+    def run(present, grad=False):
+        with torch.set_grad_enabled(grad):
+            return net(x.to(net.decoder.seg_layers[0].weight.dtype), present)
+
+    run(first), run(first), run(second), run(first)
+    assert built == [(0, 2), (1, 2)]
+    run(torch.tensor([[True, False, True], [True, True, False]])), run(first, grad=True)  # full network
+    net.train()
+    train_output(net, x, present=first.expand(2, -1))
+    net.eval()
+    run(first)
+    net.load_state_dict(net.state_dict())
+    reference = run(first)
+    with torch.no_grad():
+        net.encoder.gates[1].logits.weight.mul_(2)
+    changed = run(first)
+    assert not torch.allclose(changed[0], reference[0])
+    torch.testing.assert_close(changed, _masked_and_skipping(net, x, first)[0], rtol=0, atol=1e-10)
+    net.float()
+    assert run(first)[0].dtype == torch.float32
+    assert built == [(0, 2), (1, 2)] + [(0, 2)] * 4, built
+    assert set(net.state_dict()) == keys and len(list(net.parameters())) == n_params
 
 
 def test_plans_survive_json_and_stock_builder_makes_the_same_network():

@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_nnunet.networks.selection import (clone_module, rebuild_container, select_channel_norm, select_children,
+                                           select_grouped_conv)
 from moe_nnunet.networks.swin import SwinStage
 
 __all__ = ["ExpertConvStage", "ExpertEncoders", "ExpertHeads"]
@@ -62,6 +64,13 @@ class ExpertConvStage(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
+
+    def select_experts(self, indices: Sequence[int]) -> ExpertConvStage:
+        """This stage for the experts `indices` only (see `moe_nnunet.networks.selection`)."""
+        layers = [select_grouped_conv(m, indices) if isinstance(m, nn.modules.conv._ConvNd)
+                  else select_channel_norm(m, indices, self.num_experts) if isinstance(m, _PER_CHANNEL_NORMS)
+                  else m for m in self.blocks]
+        return clone_module(self, blocks=rebuild_container(self.blocks, layers), num_experts=len(indices))
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """One feature map per conv block, as nnU-Net's `StackedConvBlocks` counts."""
@@ -148,6 +157,11 @@ class ExpertEncoders(nn.Module):
             features.append(x)
         return features
 
+    def select_experts(self, indices: Sequence[int]) -> ExpertEncoders:
+        """These encoders for the experts `indices` only, in that order; the stem reads their channels."""
+        index = self.input_index.view(self.num_experts, -1)[list(indices)].flatten()
+        return select_children(self, indices, input_index=index, needs_zero_channel=bool((index < 0).any()))
+
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         total = 0
         size = list(input_size)
@@ -186,3 +200,8 @@ class ExpertHeads(nn.Module):
         for proj, f in zip(self.projections[1:], features[1:]):
             logits = logits + F.interpolate(proj(f), size=size, mode=self.mode, align_corners=False)
         return logits.view(logits.shape[0], self.num_experts, self.num_classes, *size)
+
+    def select_experts(self, indices: Sequence[int]) -> ExpertHeads:
+        """The heads of the experts `indices` only."""
+        projections = rebuild_container(self.projections, [select_grouped_conv(p, indices) for p in self.projections])
+        return clone_module(self, projections=projections, num_experts=len(indices))

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_nnunet.networks.selection import clone_module, expert_blocks, narrow_parameter
+
 __all__ = ["switch_balance_loss", "router_z_loss", "routing_loss", "ExpertGate"]
 
 
@@ -92,6 +94,20 @@ class ExpertGate(nn.Module):
         self.hidden = conv_op(channels * num_experts, hidden, kernel_size=1)
         self.act = nn.GELU()
         self.logits = conv_op(hidden, num_experts, kernel_size=1)
+
+    def select_experts(self, indices: Sequence[int]) -> ExpertGate:
+        """The gate over the experts `indices` only, equal to this gate with the other experts absent: their
+        (zeroed) features add nothing to the router's hidden layer, and their logits are left out instead of
+        being set to -inf."""
+        hidden, logits, k = self.hidden, self.logits, len(indices)
+        columns = expert_blocks(indices, hidden.in_channels // self.num_experts)
+        rows = torch.as_tensor(list(indices))
+        return clone_module(
+            self, num_experts=k, top_k=None if self.top_k is None else min(self.top_k, k),
+            hidden=clone_module(hidden, weight=narrow_parameter(hidden.weight, 1, columns),
+                                in_channels=len(columns)),
+            logits=clone_module(logits, weight=narrow_parameter(logits.weight, 0, rows),
+                                bias=narrow_parameter(logits.bias, 0, rows), out_channels=k))
 
     def reset_router(self) -> None:
         """Start from an even gate: zero output layer, so every expert gets weight 1/E."""

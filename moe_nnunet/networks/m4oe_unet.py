@@ -14,6 +14,7 @@ from torch import nn
 from moe_nnunet.networks.experts import ExpertEncoders, ExpertHeads
 from moe_nnunet.networks.gating import ExpertGate
 from moe_nnunet.networks.legacy import convert_legacy_state_dict
+from moe_nnunet.networks.selection import select_children
 from moe_nnunet.networks.swin import ExpertLinear, WindowAttention
 
 __all__ = ["MoEEncoder", "M4oEUNet"]
@@ -81,6 +82,11 @@ class MoEEncoder(nn.Module):
             logits.append(lg)
         return skips, weights, logits, self.heads(features) if expert_heads else None
 
+    def select_experts(self, indices: Sequence[int]) -> MoEEncoder:
+        """This encoder with the experts `indices` alone, as if the others were absent: their slices of the
+        experts, gates and heads; the lifts (no expert axis) are shared."""
+        return select_children(self, indices, expert_channels=[self.expert_channels[e] for e in indices])
+
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         total = self.experts.compute_conv_feature_map_size(input_size)
         size = list(input_size)
@@ -89,6 +95,11 @@ class MoEEncoder(nn.Module):
             # router hidden + logits, and the fused map; the router runs in float32 (twice the bytes)
             total += math.prod(size) * (2 * (gate.hidden.out_channels + gate.num_experts) + c)
         return total
+
+
+def _drop_expert_subsets(module: M4oEUNet, *args) -> None:
+    """`load_state_dict` pre-hook: the narrowed encoders hold copies of the old weights."""
+    module.drop_expert_subsets()
 
 
 class M4oEUNet(nn.Module):
@@ -100,6 +111,13 @@ class M4oEUNet(nn.Module):
     dynamic_network_architectures' `UNetDecoder`, so outputs, deep supervision and checkpoints follow
     nnU-Net's conventions. Keyword arguments are those of nnU-Net's `PlainConvUNet` plus the MoE ones; all
     are JSON-serialisable so the network is built from plans by nnU-Net's `get_network_from_plans`.
+
+    A missing modality masks its expert (`present`, `experts_present`): its features are zeroed before the
+    gates and it gets exactly zero gate weight. In training, and whenever samples of a batch differ, all E
+    experts still run as one batched module and the absent ones are masked. In eval, without gradients and
+    outside torch.compile, a mask shared by the whole batch (how `moe_nnunet predict` masks a group of cases)
+    skips the absent experts instead: the forward runs the encoder narrowed to the present experts
+    (`expert_subset`), whose output equals the masked one; set `skip_absent_experts = False` to mask instead.
 
     Reference: Jiang et al., "M4oE: A Foundation Model for Medical Multimodal Image Segmentation with
     Mixture of Experts", MICCAI 2024.
@@ -200,7 +218,14 @@ class M4oEUNet(nn.Module):
         # validation statistics: while set, an eval forward keeps the detached mean gate weights per scale
         self.record_gate_means = False
         self.last_gate_means: torch.Tensor | None = None
+        # inference without the absent experts: the encoder narrowed to each set of present experts, built on
+        # first use and dropped whenever the weights may change (not submodules: not saved, not trained)
+        self.skip_absent_experts = True
+        self._subsets: dict[tuple[int, ...], MoEEncoder] = {}
+        self._sliced: list[torch.Tensor] = []  # the tensors they were sliced from, and the sum of their versions
+        self._sliced_version = 0
         self.register_load_state_dict_pre_hook(convert_legacy_state_dict)
+        self.register_load_state_dict_pre_hook(_drop_expert_subsets)
 
     def forward(self, x: torch.Tensor, present: torch.Tensor | None = None,
                 route_target: torch.Tensor | None = None):
@@ -217,8 +242,9 @@ class M4oEUNet(nn.Module):
         graph.
 
         Args:
-            present: (B, E) or (E,) bool; masks the experts of missing modalities (zero gate weight). nnU-Net
-                calls `network(x)`: `experts_present` / `routing` set it then.
+            present: (B, E) or (E,) bool; masks the experts of missing modalities (zero gate weight); in eval
+                without gradients, experts absent from every sample are not computed. nnU-Net calls
+                `network(x)`: `experts_present` / `routing` set it then.
             route_target: (B,) long, the expert each sample should be routed to (-1: unknown), for datasets
                 combined across modalities; the routing loss is weighted by `route_weight`.
         """
@@ -232,15 +258,18 @@ class M4oEUNet(nn.Module):
         present = self._present if present is None else present
         if present is not None and present.ndim == 1:
             present = present.view(1, -1).expand(x.shape[0], -1)
-        if present is not None and not self.training and not torch.compiler.is_compiling() \
-                and not bool(present.any(-1).all()):
-            raise ValueError("every expert is marked absent for a sample; at least one modality must be present.")
+        encoder, kept = self.encoder, None
+        if present is not None and not self.training and not torch.compiler.is_compiling():
+            encoder, present, kept = self._inference_encoder(present)
         heads = self.training and self.expert_heads_active
-        skips, weights, logits, expert_logits = self.encoder(x, present, heads)
+        skips, weights, logits, expert_logits = encoder(x, present, heads)
         out = self.decoder(skips)
         gate_means = None
         if self.training or self.record_gate_means:
             gate_means = torch.stack([w.detach().mean(dim=[0, *range(2, w.ndim)]) for w in weights])  # (n, E)
+            if encoder is not self.encoder:  # (n, len(kept)): the skipped experts' weight is 0
+                gate_means = gate_means.new_zeros(len(weights), self.num_experts).index_copy_(
+                    1, torch.tensor(kept, device=gate_means.device), gate_means)
         if not self.training:
             if self.record_gate_means:
                 self.last_gate_means = gate_means
@@ -251,6 +280,19 @@ class M4oEUNet(nn.Module):
         return {"logits": out, "aux_loss": aux, "expert_logits": expert_logits, "gate_means": gate_means,
                 "gate_weights": weights[0].detach()}
 
+    def _inference_encoder(self, present: torch.Tensor
+                           ) -> tuple[MoEEncoder, torch.Tensor | None, tuple[int, ...] | None]:
+        """The encoder an eager eval forward runs for the (B, E) mask `present`, the mask it needs, and the
+        experts it keeps: without gradients and with one mask for the whole batch, the encoder of the present
+        experts alone (no mask); otherwise the full encoder and the mask. Refuses a sample without any expert."""
+        mask = present.detach().cpu()  # read once on the host
+        if not bool(mask.any(-1).all()):
+            raise ValueError("every expert is marked absent for a sample; at least one modality must be present.")
+        if not self.skip_absent_experts or torch.is_grad_enabled() or not bool((mask == mask[:1]).all()):
+            return self.encoder, present, None
+        kept = tuple(mask[0].nonzero().flatten().tolist())
+        return self.expert_subset(kept), None, kept
+
     @property
     def expert_channels(self) -> list[list[int]]:
         return self.encoder.expert_channels
@@ -260,9 +302,50 @@ class M4oEUNet(nn.Module):
         present when any of its channels is."""
         return torch.stack([channel_present[..., ch].any(-1) for ch in self.expert_channels], dim=-1)
 
+    def expert_subset(self, kept: Sequence[int]) -> MoEEncoder:
+        """The encoder of the experts `kept` alone (`MoEEncoder.select_experts`), which eval forwards use when
+        the other experts are absent for the whole batch; the network's own encoder when all are kept.
+
+        Built once per subset and kept until the weights may change: `train()`, `load_state_dict`, `to()` /
+        `cuda()` / a dtype change, or an in-place change of an expert or gate tensor (its version counter).
+        """
+        key = tuple(int(e) for e in kept)
+        if len(key) == self.num_experts:
+            return self.encoder
+        if self._subsets and sum(t._version for t in self._sliced) != self._sliced_version:
+            self.drop_expert_subsets()  # an in-place change (load_state_dict, copy_, an optimiser step)
+        if not self._subsets:
+            self._sliced = [t for module in (self.encoder.experts, self.encoder.gates)
+                            for t in (*module.parameters(), *module.buffers())]
+            self._sliced_version = sum(t._version for t in self._sliced)
+        if key not in self._subsets:
+            # plain tensors even when called under inference_mode (nnU-Net's predictor), so later calls may use them
+            with torch.inference_mode(False), torch.no_grad():
+                self._subsets[key] = self.encoder.select_experts(key)
+        return self._subsets[key]
+
+    def drop_expert_subsets(self) -> None:
+        """Forget the encoders built by `expert_subset` (their weights are copies)."""
+        self._subsets.clear()
+        self._sliced = []
+
+    def train(self, mode: bool = True) -> M4oEUNet:
+        if mode:
+            self.drop_expert_subsets()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self.drop_expert_subsets()  # to(), cuda(), half(), ...: the copies would keep the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
     @contextmanager
     def experts_present(self, present: torch.Tensor | None) -> Iterator[None]:
-        """Within the block, calls without an explicit `present` use this mask ((B, E) or (E,) bool)."""
+        """Within the block, calls without an explicit `present` use this mask ((B, E) or (E,) bool).
+
+        In eval, without gradients, and with the same mask for every sample (how `moe_nnunet predict` uses it,
+        one mask per group of cases), the absent experts are not computed at all: the forward runs the
+        encoder narrowed to the present experts (`expert_subset`), which gives what masking gives.
+        """
         previous, self._present = self._present, present
         try:
             yield

@@ -23,6 +23,9 @@ from timm.layers import DropPath, trunc_normal_
 from torch import nn
 from torch._guards import detect_fake_mode
 
+from moe_nnunet.networks.selection import (clone_module, expert_blocks, narrow_parameter, select_children,
+                                           select_grouped_conv)
+
 __all__ = ["effective_window", "window_partition", "window_reverse", "ExpertLinear", "ExpertLayerNorm",
            "WindowAttention", "SwinBlock", "PatchMerging", "SwinStage", "tokens_to_channels",
            "channels_to_tokens"]
@@ -149,6 +152,12 @@ class ExpertLinear(nn.Module):
         out = torch.bmm(flat, self.weight) if self.bias is None else torch.baddbmm(self.bias, flat, self.weight)
         return out.view(*x.shape[:-1], self.out_features)
 
+    def select_experts(self, indices: Sequence[int]) -> ExpertLinear:
+        """The layers of the experts `indices` only (see `moe_nnunet.networks.selection`)."""
+        index = torch.as_tensor(list(indices))
+        return clone_module(self, weight=narrow_parameter(self.weight, 0, index),
+                            bias=narrow_parameter(self.bias, 0, index), num_experts=len(indices))
+
 
 class ExpertLayerNorm(nn.Module):
     """LayerNorm over the last axis with a separate affine per expert; (E*B, ..., C) expert-major."""
@@ -164,6 +173,12 @@ class ExpertLayerNorm(nn.Module):
             return F.layer_norm(x, (self.dim,), self.weight[0], self.bias[0], self.eps)
         y = F.layer_norm(x, (self.dim,), eps=self.eps).view(self.num_experts, -1, self.dim)
         return torch.addcmul(self.bias[:, None], y, self.weight[:, None]).view(x.shape)
+
+    def select_experts(self, indices: Sequence[int]) -> ExpertLayerNorm:
+        """The affines of the experts `indices` only."""
+        index = torch.as_tensor(list(indices))
+        return clone_module(self, weight=narrow_parameter(self.weight, 0, index),
+                            bias=narrow_parameter(self.bias, 0, index), num_experts=len(indices))
 
 
 class WindowAttention(nn.Module):
@@ -207,6 +222,12 @@ class WindowAttention(nn.Module):
         else:  # a feature map smaller than the window: a sub-window of the same table
             index = relative_position_index(window, self.window_size).view(-1).to(self.relative_position_index.device)
         return self.relative_position_bias_table[index].view(n, n, -1).permute(2, 0, 1)
+
+    def select_experts(self, indices: Sequence[int]) -> WindowAttention:
+        """Attention of the experts `indices` only: their projections and their heads' bias table columns."""
+        columns = expert_blocks(indices, self.num_heads)
+        return select_children(self, indices, relative_position_bias_table=narrow_parameter(
+            self.relative_position_bias_table, 1, columns))
 
     def forward(self, x: torch.Tensor, window: Sequence[int], mask: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -291,6 +312,9 @@ class SwinBlock(nn.Module):
         x = x + self.drop_path1(self._attend(self.norm1(x)))
         return x + self.drop_path2(self.fc2(self.act(self.fc1(self.norm2(x)))))
 
+    def select_experts(self, indices: Sequence[int]) -> SwinBlock:
+        return select_children(self, indices)
+
 
 class PatchMerging(nn.Module):
     """Downsample by `stride` with a learned patch merge per expert: a grouped conv whose kernel equals its
@@ -312,6 +336,9 @@ class PatchMerging(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.norm(channels_to_tokens(self.reduction(x), self.num_experts))
+
+    def select_experts(self, indices: Sequence[int]) -> PatchMerging:
+        return select_children(self, indices, reduction=select_grouped_conv(self.reduction, indices))
 
 
 class SwinStage(nn.Module):
@@ -355,6 +382,10 @@ class SwinStage(nn.Module):
         for block in self.blocks:
             x = block(x)
         return tokens_to_channels(self.norm(x), self.num_experts)
+
+    def select_experts(self, indices: Sequence[int]) -> SwinStage:
+        """This stage for the experts `indices` only (see `moe_nnunet.networks.selection`)."""
+        return select_children(self, indices)
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         """Activation count in the units of nnU-Net's planner (see `M4oEUNet.compute_conv_feature_map_size`).
