@@ -323,6 +323,34 @@ def test_skipping_absent_experts_equals_masking_them(name, experts, absent, top_
     torch.testing.assert_close(skipping_means, net.last_gate_means, rtol=0, atol=1e-10)
 
 
+def test_concat_fusion_passes_every_experts_features_and_skips_like_masking():
+    """gate_fusion="concat": an even gate hands the decoder's lift every expert's features unchanged, side by
+    side, with every expert present or one absent (weights times the number present); skipping an absent expert
+    equals masking it; every parameter learns."""
+    net, patch = _uneven_network("2d", 4, gate_fusion="concat")
+    x = torch.randn(2, 4, *patch, dtype=torch.float64)
+    present = torch.tensor([True, False, True, True])
+    masked, skipping = _masked_and_skipping(net, x, present)
+    for m, s in zip(masked, skipping):
+        torch.testing.assert_close(s, m, rtol=0, atol=1e-10)
+    gate, features = net.encoder.gates[1], net.encoder.experts(x)[1]
+    gate.reset_router()
+    for mask in (None, present.expand(2, -1)):
+        fused, weights, _ = gate(features, mask)
+        expected = features if mask is None else (features.view(2, 4, -1, *features.shape[2:]) *
+                                                  mask.view(2, 4, 1, 1, 1)).view(features.shape)
+        torch.testing.assert_close(fused, expected)
+    assert net.encoder.lifts[0].in_channels == 4 * net.encoder.gates[0].hidden.in_channels // 4
+    torch.manual_seed(0)
+    net, patch = build("2d", True, channels=4, gate_fusion="concat")
+    out = train_output(net, torch.randn(2, 4, *patch))
+    (sum(o.square().mean() for o in out["logits"]) + out["aux_loss"]).backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None and not n.startswith("encoder.heads.")]
+    assert not missing, missing
+    with pytest.raises(ValueError, match="gate_fusion='mean'"):
+        build("2d", True, channels=4, gate_fusion="mean")
+
+
 def _expert_slices(net: M4oEUNet, e: int) -> list[torch.Tensor]:
     """Views of every encoder weight that belongs to expert e alone, in the batched experts' layout: blocks of
     1/E along the output channels (grouped convs, norms) or the leading expert axis (Swin projections and

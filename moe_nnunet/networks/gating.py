@@ -20,7 +20,11 @@ from torch import nn
 
 from moe_nnunet.networks.selection import clone_module, expert_blocks, narrow_parameter
 
-__all__ = ["switch_balance_loss", "router_z_loss", "routing_loss", "ExpertGate"]
+__all__ = ["FUSIONS", "switch_balance_loss", "router_z_loss", "routing_loss", "ExpertGate"]
+
+# how a gate fuses the experts' features: their weighted sum (C channels, as in M4oE), or the weighted experts
+# side by side (E*C channels), each scaled by its weight times the number of experts present
+FUSIONS = ("sum", "concat")
 
 
 def switch_balance_loss(probs: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,16 +82,22 @@ class ExpertGate(nn.Module):
         top_k: keep the k largest weights per token; None for a dense soft gate.
         balance_loss_weight: weight of `switch_balance_loss`.
         z_loss_weight: weight of `router_z_loss`.
+        fusion: "sum" (the weighted sum of the experts' features, as in M4oE) or "concat" (the weighted
+            experts' features side by side, for a 1x1 convolution after the gate to combine; labels that need
+            two modalities at once then reach the decoder as both modalities' features, not their average).
     """
 
     def __init__(self, channels: int, num_experts: int, conv_op: type[nn.Module], hidden: int = 32,
-                 top_k: int | None = None, balance_loss_weight: float = 1e-2, z_loss_weight: float = 1e-3
-                 ) -> None:
+                 top_k: int | None = None, balance_loss_weight: float = 1e-2, z_loss_weight: float = 1e-3,
+                 fusion: str = "sum") -> None:
         super().__init__()
         if top_k is not None and not 1 <= top_k <= num_experts:
             raise ValueError(f"gate_top_k={top_k} must lie in [1, {num_experts}] (the number of experts), "
                              f"or be None for a soft gate.")
+        if fusion not in FUSIONS:
+            raise ValueError(f"gate_fusion={fusion!r}: choose one of {', '.join(FUSIONS)}.")
         self.num_experts = num_experts
+        self.fusion = fusion
         self.top_k = top_k
         self.balance_loss_weight = balance_loss_weight
         self.z_loss_weight = z_loss_weight
@@ -121,8 +131,9 @@ class ExpertGate(nn.Module):
             features: (B, E*C, *S) the experts' features side by side.
             present: optional (B, E) bool, False for experts whose modality is missing.
         Returns:
-            `(fused, weights, logits)`: (B, C, *S) gated sum of the expert features, (B, E, *S) float32 gate
-            weights, (B, E, *S) float32 router logits (-inf for absent experts).
+            `(fused, weights, logits)`: the fused features, (B, C, *S) (`fusion` "sum": the gated sum) or
+            (B, E*C, *S) ("concat": each expert's features times its weight and the number of experts present),
+            (B, E, *S) float32 gate weights, (B, E, *S) float32 router logits (-inf for absent experts).
         """
         b, ec, *spatial = features.shape
         per_expert = features.view(b, self.num_experts, ec // self.num_experts, *spatial)  # (B, E, C, *S)
@@ -139,8 +150,13 @@ class ExpertGate(nn.Module):
                 kth = weights.topk(self.top_k, dim=1).values[:, -1:]
                 weights = weights * (weights >= kth)
                 weights = weights / weights.sum(1, keepdim=True)
-        fused = (weights.to(features.dtype).unsqueeze(2) * per_expert).sum(1)
-        return fused, weights, logits
+        weighted = weights.to(features.dtype).unsqueeze(2) * per_expert  # (B, E, C, *S)
+        if self.fusion == "sum":
+            return weighted.sum(1), weights, logits
+        # concat: an even gate leaves every present expert's features as they are, however many are present
+        n_present = float(self.num_experts) if present is None else \
+            present.sum(1).to(features.dtype).view(b, 1, 1, *(1,) * len(spatial))
+        return (weighted * n_present).view(features.shape), weights, logits
 
     def router_losses(self, logits: torch.Tensor, present: torch.Tensor | None = None,
                       route_target: torch.Tensor | None = None, route_weight: float = 0.0) -> torch.Tensor:

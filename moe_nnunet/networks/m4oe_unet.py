@@ -14,7 +14,8 @@ from torch import nn
 from moe_nnunet.networks.experts import ExpertEncoders, ExpertHeads
 from moe_nnunet.networks.gating import ExpertGate
 from moe_nnunet.networks.legacy import convert_legacy_state_dict
-from moe_nnunet.networks.selection import select_children
+from moe_nnunet.networks.selection import (clone_module, expert_blocks, narrow_parameter,
+                                           rebuild_container, select_children)
 from moe_nnunet.networks.swin import ExpertLinear, WindowAttention
 
 __all__ = ["MoEEncoder", "M4oEUNet"]
@@ -36,7 +37,8 @@ class MoEEncoder(nn.Module):
                  window_sizes: Sequence[Sequence[int]], conv_op: type[nn.Module], conv_bias: bool,
                  norm_op: type[nn.Module] | None, norm_op_kwargs: dict | None, nonlin: type[nn.Module] | None,
                  nonlin_kwargs: dict | None, mlp_ratio: float, drop_path_rate: float, gate_hidden: int,
-                 gate_top_k: int | None, balance_loss_weight: float, z_loss_weight: float) -> None:
+                 gate_top_k: int | None, balance_loss_weight: float, z_loss_weight: float,
+                 gate_fusion: str = "sum") -> None:
         super().__init__()
         self.expert_channels = [list(map(int, c)) for c in expert_channels]
         num_experts = len(self.expert_channels)
@@ -47,9 +49,14 @@ class MoEEncoder(nn.Module):
             norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, mlp_ratio=mlp_ratio,
             drop_path_rate=drop_path_rate)
         self.gates = nn.ModuleList([
-            ExpertGate(c, num_experts, conv_op, gate_hidden, gate_top_k, balance_loss_weight, z_loss_weight)
-            for c in expert_features_per_stage])
-        self.lifts = nn.ModuleList([nn.Identity() if w == f else conv_op(w, f, kernel_size=1)
+            ExpertGate(c, num_experts, conv_op, gate_hidden, gate_top_k, balance_loss_weight, z_loss_weight,
+                       gate_fusion) for c in expert_features_per_stage])
+        self.gate_fusion = gate_fusion
+        # a 1x1 convolution lifts each fused map to the decoder's width (with "concat" always: it is what combines
+        # the experts, and with an expert absent it reads the others' channels alone)
+        concat = gate_fusion == "concat"
+        self.lifts = nn.ModuleList([conv_op(w * num_experts, f, kernel_size=1) if concat else
+                                    nn.Identity() if w == f else conv_op(w, f, kernel_size=1)
                                     for w, f in zip(expert_features_per_stage, features_per_stage)])
         self.heads = ExpertHeads(num_experts, expert_features_per_stage, num_classes, conv_op)
         # read by UNetDecoder
@@ -85,7 +92,13 @@ class MoEEncoder(nn.Module):
     def select_experts(self, indices: Sequence[int]) -> MoEEncoder:
         """This encoder with the experts `indices` alone, as if the others were absent: their slices of the
         experts, gates and heads; the lifts (no expert axis) are shared."""
-        return select_children(self, indices, expert_channels=[self.expert_channels[e] for e in indices])
+        chosen = select_children(self, indices, expert_channels=[self.expert_channels[e] for e in indices])
+        if self.gate_fusion == "concat":  # the lifts read every expert's block of channels
+            num_experts = len(self.expert_channels)
+            chosen.lifts = rebuild_container(self.lifts, [clone_module(
+                lift, weight=narrow_parameter(lift.weight, 1, expert_blocks(indices, lift.in_channels // num_experts)),
+                in_channels=lift.in_channels // num_experts * len(indices)) for lift in self.lifts])
+        return chosen
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> int:
         total = self.experts.compute_conv_feature_map_size(input_size)
@@ -93,7 +106,8 @@ class MoEEncoder(nn.Module):
         for gate, stride, c in zip(self.gates, self.strides, self.output_channels):
             size = [i // j for i, j in zip(size, stride)]
             # router hidden + logits, and the fused map; the router runs in float32 (twice the bytes)
-            total += math.prod(size) * (2 * (gate.hidden.out_channels + gate.num_experts) + c)
+            fused = gate.hidden.in_channels if self.gate_fusion == "concat" else c
+            total += math.prod(size) * (2 * (gate.hidden.out_channels + gate.num_experts) + fused)
         return total
 
 
@@ -148,6 +162,8 @@ class M4oEUNet(nn.Module):
         gate_hidden: router hidden width.
         gate_top_k: keep only the k largest gate weights per token (None: soft gate).
         balance_loss_weight, z_loss_weight: router loss weights.
+        gate_fusion: "sum" (M4oE's gated sum; plans without the key) or "concat" (the gated experts side by
+            side, combined by each scale's 1x1 lift; see `ExpertGate`).
     """
 
     def __init__(self, input_channels: int, n_stages: int, features_per_stage: Sequence[int],
@@ -161,8 +177,8 @@ class M4oEUNet(nn.Module):
                  expert_features_per_stage: Sequence[int] | None = None, expert_names: Sequence[str] | None = None, swin_depths: Sequence[int] | None = None,
                  num_heads: Sequence[int] | None = None, window_sizes: Sequence[Sequence[int]] | None = None,
                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, gate_hidden: int = 32,
-                 gate_top_k: int | None = None, balance_loss_weight: float = 1e-2, z_loss_weight: float = 1e-3
-                 ) -> None:
+                 gate_top_k: int | None = None, balance_loss_weight: float = 1e-2, z_loss_weight: float = 1e-3,
+                 gate_fusion: str = "sum") -> None:
         super().__init__()
         if isinstance(n_conv_per_stage, int):
             n_conv_per_stage = [n_conv_per_stage] * n_stages
@@ -202,7 +218,7 @@ class M4oEUNet(nn.Module):
             num_heads=num_heads, window_sizes=window_sizes, conv_op=conv_op, conv_bias=conv_bias, norm_op=norm_op,
             norm_op_kwargs=norm_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs, mlp_ratio=mlp_ratio,
             drop_path_rate=drop_path_rate, gate_hidden=gate_hidden, gate_top_k=gate_top_k,
-            balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight)
+            balance_loss_weight=balance_loss_weight, z_loss_weight=z_loss_weight, gate_fusion=gate_fusion)
         self.decoder = UNetDecoder(self.encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
                                    norm_op=norm_op, norm_op_kwargs=norm_op_kwargs, dropout_op=dropout_op,
                                    dropout_op_kwargs=dropout_op_kwargs, nonlin=nonlin, nonlin_kwargs=nonlin_kwargs,
