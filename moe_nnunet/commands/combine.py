@@ -19,7 +19,8 @@ def run(args: argparse.Namespace) -> int:
     from moe_nnunet.datasets.combine import combine_datasets, read_modality_tags
 
     try:
-        folder = combine_datasets(args.d, args.o, args.name, args.modalities, args.raw, progress=True)
+        folder = combine_datasets(args.d, args.o, args.name, args.modalities, args.raw, progress=True,
+                                  overwrite=args.overwrite)
     except (ValueError, FileExistsError, OSError, RuntimeError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
@@ -54,4 +55,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="one modality tag per -d dataset (default: each dataset's channel name)")
     p.add_argument("--raw", default=None, metavar="DIR",
                    help="folder with the inputs and for the output (default: $nnUNet_raw)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing dataset of that id and name (refused otherwise); its preprocessed data "
+                        "and plans then need to be made again")
     p.set_defaults(func=run)

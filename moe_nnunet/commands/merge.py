@@ -11,12 +11,14 @@ def run(args: argparse.Namespace) -> int:
     from moe_nnunet.discovery import ensure_ext_trainer_env
     from moe_nnunet.trainers.checkpointing import UnreadableCheckpointError
     from moe_nnunet.workflow.merge import MergeError, merge_models
+    from moe_nnunet.workflow.plans_files import PlansFileError
 
     ensure_ext_trainer_env()  # to find the models' trainers (ours among them)
     try:
         result = merge_models(args.d, args.m, args.o, folds=args.f, selection=args.selection, top_k=args.top_k,
-                              threshold=args.threshold, gate_hidden=args.gate_hidden, checkpoint=args.chk)
-    except (MergeError, UnreadableCheckpointError, RuntimeError, OSError) as e:
+                              threshold=args.threshold, gate_hidden=args.gate_hidden, checkpoint=args.chk,
+                              overwrite=args.overwrite)
+    except (MergeError, PlansFileError, UnreadableCheckpointError, RuntimeError, OSError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     print(f"Plans written: {result.plans_file}\nNext:")
@@ -38,7 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-m", nargs="+", required=True, metavar="MODEL_FOLDER",
                    help="trained model folders (TRAINER__PLANS__CONFIGURATION; a path, or a name in "
                         "$nnUNet_results/<dataset>); the first is the general model")
-    p.add_argument("-o", required=True, metavar="PLANS_NAME", help="name of the merged plans (e.g. nnUNetMergedPlans)")
+    p.add_argument("-o", required=True, metavar="PLANS_NAME", help="name of the merged plans (e.g. nnUNetMergedPlans); "
+                                                                   "never nnU-Net's own nnUNetPlans")
+    p.add_argument("--overwrite", action="store_true", help="replace existing plans of that name (refused otherwise)")
     p.add_argument("-f", nargs="+", default=None, metavar="FOLD",
                    help="the models' fold to use for every gate fold: one for all models, or one per model "
                         "(default: gate fold F uses each model's fold F)")

@@ -17,7 +17,7 @@ def run(args: argparse.Namespace) -> int:
 
     from moe_nnunet.discovery import ensure_ext_trainer_env
     from moe_nnunet.evaluation.model_folder import ModelFolderError, UnreadableCheckpointError, check_model_folder
-    from moe_nnunet.evaluation.predict import MissingModalityError, MissingModalityPredictor, predict_with_missing
+    from moe_nnunet.evaluation.predict import BadInputError, MissingModalityPredictor, predict_with_missing
 
     ensure_ext_trainer_env()
     if args.part_id >= args.num_parts:
@@ -45,11 +45,13 @@ def run(args: argparse.Namespace) -> int:
     try:
         predict_with_missing(predictor, trainer_class, args.i, args.o, missing=args.missing,
                              zero_fill=args.zero_fill, save_probabilities=args.save_probabilities,
-                             overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                             existing="overwrite" if args.overwrite else
+                             "continue" if args.continue_prediction else "refuse",
+                             allow_nonfinite=args.allow_nonfinite, num_processes_preprocessing=args.npp,
                              num_processes_segmentation_export=args.nps,
                              folder_with_segs_from_prev_stage=args.prev_stage_predictions,
                              num_parts=args.num_parts, part_id=args.part_id)
-    except MissingModalityError as e:
+    except BadInputError as e:
         print(f"moe_nnunet predict: error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -62,7 +64,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "defaults: sliding window, mirroring, ensemble of folds). Cases whose channel file is absent "
                     "from -i, and all cases for the channels named by --missing, are predicted without those "
                     "channels: M4oE models mask their experts, nnUNetTrainerChannelDropout models zero-fill "
-                    "them; other models refuse unless --zero_fill is given.")
+                    "them; other models refuse unless --zero_fill is given. Every input file is checked before "
+                    "anything is written (complete gzip, readable, finite values, one grid per case), existing "
+                    "predictions are refused unless --overwrite or --continue_prediction, and each prediction is "
+                    "written under a temporary name and renamed when complete.")
     p.add_argument("-i", required=True, help="input folder (CASE_XXXX.nii.gz files, one per channel)")
     p.add_argument("-o", required=True, help="output folder (created if needed)")
     p.add_argument("-d", required=True, help="dataset name or id")
@@ -78,7 +83,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--disable_tta", action="store_true", help="no mirroring at test time")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--save_probabilities", action="store_true", help="also write .npz probabilities")
-    p.add_argument("--continue_prediction", action="store_true", help="do not overwrite existing predictions")
+    existing = p.add_mutually_exclusive_group()
+    existing.add_argument("--overwrite", action="store_true",
+                          help="replace existing predictions in -o (by default they are refused, with their list)")
+    existing.add_argument("--continue_prediction", action="store_true",
+                          help="predict only the cases without a complete prediction in -o (an empty or "
+                               "unreadable one is predicted again)")
+    p.add_argument("--allow_nonfinite", action="store_true",
+                   help="set NaN and inf voxels to 0, with a note per file (by default such files are refused)")
     p.add_argument("-chk", default="checkpoint_final.pth", help="checkpoint name (default checkpoint_final.pth)")
     p.add_argument("-npp", type=int, default=_default("nnUNet_npp", 3), help="preprocessing processes (default 3)")
     p.add_argument("-nps", type=int, default=_default("nnUNet_nps", 3), help="export processes (default 3)")

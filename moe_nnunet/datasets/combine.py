@@ -202,11 +202,16 @@ def _write_source(source: _Source, out: Path, labels: dict[str, int], file_endin
     return written
 
 
-def _check_free(raw_root: Path, dataset_id: int, folder_name: str) -> None:
-    """The output folder must be new, and its id unused under any of nnU-Net's three folders."""
-    if (raw_root / folder_name).exists():
-        raise FileExistsError(f"{raw_root / folder_name} already exists; choose another id/name, or remove that "
-                              f"folder first if you mean to rebuild it")
+def _check_free(raw_root: Path, dataset_id: int, folder_name: str, overwrite: bool) -> None:
+    """The output folder must be new (or, with `overwrite`, an earlier dataset of that name), and its id unused by
+    another name under any of nnU-Net's three folders."""
+    target = raw_root / folder_name
+    if target.exists() and not overwrite:
+        raise FileExistsError(f"{target} already exists; choose another id/name, or remove that folder or pass "
+                              f"--overwrite to replace it if you mean to rebuild it (nothing was written)")
+    if target.exists() and not (target / "dataset.json").is_file():
+        raise FileExistsError(f"{target} exists but holds no dataset.json, so it is not a dataset to replace; "
+                              f"--overwrite refuses to delete it. Move it away or choose another id/name")
     roots = {raw_root, *(Path(os.environ[v]) for v in ("nnUNet_preprocessed", "nnUNet_results")
                          if os.environ.get(v))}
     clashes = sorted(str(p) for root in roots if root.is_dir() for p in root.glob(f"Dataset{dataset_id:03d}_*")
@@ -218,7 +223,7 @@ def _check_free(raw_root: Path, dataset_id: int, folder_name: str) -> None:
 
 def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
                      modalities: Sequence[str] | None = None, raw_root: str | os.PathLike | None = None,
-                     progress: bool = False) -> Path:
+                     progress: bool = False, overwrite: bool = False) -> Path:
     """Build ``Dataset{new_id:03d}_{name}`` from single-channel datasets of different modalities.
 
     Args:
@@ -228,6 +233,8 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
         modalities: one modality tag per dataset (default: each dataset's channel name); tags must differ.
         raw_root: folder holding the inputs and receiving the output (default: ``$nnUNet_raw``).
         progress: show a progress bar per dataset.
+        overwrite: replace an existing dataset of the same id and name (swapped in once the new one is
+            complete; never one of the inputs).
 
     Returns:
         The new dataset's folder. Nothing is left behind if anything fails; inputs are only read.
@@ -241,12 +248,14 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
     folders = [_find_dataset(d, root) for d in datasets]
     if len({f.resolve() for f in folders}) != len(folders):
         raise ValueError(f"a dataset is given twice: {[f.name for f in folders]}")
+    if (root / folder_name).resolve() in {f.resolve() for f in folders}:
+        raise ValueError(f"{folder_name} is one of the datasets to combine; write the combination to another id")
     sources = [_load_source(f, None if modalities is None else modalities[i]) for i, f in enumerate(folders)]
     _check_tags(sources)
     labels = _combined_labels(sources)
     endings = {s.dataset_json["file_ending"] for s in sources}
     file_ending = endings.pop() if len(endings) == 1 else ".nii.gz"
-    _check_free(root, int(new_id), folder_name)
+    _check_free(root, int(new_id), folder_name, overwrite)
 
     tmp = root / f".{folder_name}.partial-{uuid.uuid4().hex[:8]}"    # hidden from nnU-Net until complete
     try:
@@ -272,10 +281,19 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
         }
         (tmp / "dataset.json").write_text(json.dumps(dataset_json, indent=2), encoding="utf-8")
         (tmp / TAG_FILE).write_text(json.dumps(tags, indent=2), encoding="utf-8")
-        tmp.rename(root / folder_name)
+        replaced = root / f".{folder_name}.replaced-{uuid.uuid4().hex[:8]}"
+        if (root / folder_name).exists():  # overwrite: the old dataset stays until the new one is complete
+            (root / folder_name).rename(replaced)
+        try:
+            tmp.rename(root / folder_name)
+        except BaseException:
+            if replaced.exists():
+                replaced.rename(root / folder_name)
+            raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(replaced, ignore_errors=True)
     return root / folder_name
 
 

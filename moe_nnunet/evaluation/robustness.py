@@ -95,6 +95,7 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
 
     conditions = [("full input", [])] + [(f"without {channels[c]}", [channels[c]]) for c in sorted(channels)]
     results: dict = {}
+    inputs_checked = False
     for trainer, plans in models:
         predictor = MissingModalityPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=use_mirroring,
                                              perform_everything_on_device=device == "cuda",
@@ -106,8 +107,10 @@ def evaluate_missing_modalities(dataset: str, configuration: str, models: Sequen
         for condition, missing in conditions:
             pred = output / "predictions" / trainer / condition.replace(" ", "_")
             predict_with_missing(predictor, None, str(inputs), str(pred), missing=missing,
-                                 zero_fill=mode != "mask", num_processes_preprocessing=num_processes,
+                                 zero_fill=mode != "mask", existing="overwrite", check_inputs=not inputs_checked,
+                                 num_processes_preprocessing=num_processes,
                                  num_processes_segmentation_export=num_processes)
+            inputs_checked = True  # the held-out inputs are checked once, before the first prediction
             summary = folder_metrics(refs, pred, predictor.plans_manager.image_reader_writer_class(), ending,
                                      predictor.label_manager.foreground_labels, num_processes)
             per_label = {k: round(float(summary["mean"][v]["Dice"]), 4) for k, v in labels.items()}

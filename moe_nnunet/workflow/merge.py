@@ -20,12 +20,12 @@ from moe_nnunet.evaluation.model_folder import parse_model_folder_name
 from moe_nnunet.networks.merged import MERGED_NETWORK_CLASS, SELECTIONS, build_expert, map_labels_by_name
 from moe_nnunet.trainers.checkpointing import load_checkpoint_file
 from moe_nnunet.trainers.merge import EXPERTS_KEY
+from moe_nnunet.workflow.plans_files import NOT_PLANS_FILES, plans_target
 
 __all__ = ["MergeError", "TrainedModel", "read_trained_model", "preprocessing_of", "check_same_preprocessing",
            "union_labels", "trained_architecture", "merge_models"]
 
 CHECKPOINT = "checkpoint_final.pth"
-_NOT_PLANS = {"dataset.json", "dataset_fingerprint.json", "splits_final.json"}
 
 
 class MergeError(ValueError):
@@ -212,7 +212,7 @@ def _reusable_data(dataset_name: str, configuration: dict, signature: dict) -> b
         return False
     dataset_json = json.loads((base / "dataset.json").read_text(encoding="utf-8"))
     for plans_file in base.glob("*.json"):
-        if plans_file.name in _NOT_PLANS:
+        if plans_file.name in NOT_PLANS_FILES:
             continue
         plans = json.loads(plans_file.read_text(encoding="utf-8"))
         for name in plans.get("configurations", {}):
@@ -300,7 +300,8 @@ def _read_dataset_json(dataset_name: str) -> tuple[dict, Path]:
 
 def merge_models(dataset: str | int, model_folders: Sequence[str | os.PathLike], plans_name: str,
                  folds: Sequence[str] | None = None, selection: str = "soft", top_k: int = 1,
-                 threshold: float = 0.5, gate_hidden: int = 16, checkpoint: str = CHECKPOINT) -> MergeResult:
+                 threshold: float = 0.5, gate_hidden: int = 16, checkpoint: str = CHECKPOINT,
+                 overwrite: bool = False) -> MergeResult:
     """Write `nnUNet_preprocessed/<dataset>/<plans_name>.json` for the merged model of `model_folders`.
 
     Args:
@@ -309,12 +310,15 @@ def merge_models(dataset: str | int, model_folders: Sequence[str | os.PathLike],
         folds: None (gate fold F uses each model's fold F), one fold for every model, or one per model.
         selection, top_k, threshold, gate_hidden: the gate's settings (see `MergedExpertsNet`).
         checkpoint: which checkpoint of each fold the experts are loaded from.
+        overwrite: replace existing plans of that name (nnU-Net's own plans are refused even so:
+            `moe_nnunet.workflow.plans_files.plans_target`).
     """
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     dataset_name = maybe_convert_to_dataset_name(int(dataset) if str(dataset).isdigit() else dataset)
     dataset_id = int(dataset_name[len("Dataset"):len("Dataset") + 3])
+    plans_file = plans_target(Path(nnUNet_preprocessed) / dataset_name, plans_name, overwrite, "-o")
     models = [read_trained_model(p, dataset_name) for p in model_folders]
     if len({m.folder for m in models}) != len(models):
         raise MergeError("the same model folder is given twice.")
@@ -354,7 +358,6 @@ def merge_models(dataset: str | int, model_folders: Sequence[str | os.PathLike],
         commands.append(f"nnUNetv2_preprocess -d {dataset_id} -plans_name {plans_name} -c {config_name}")
     plans = copy.deepcopy(general.plans)
     plans.update(dataset_name=dataset_name, plans_name=plans_name, configurations={config_name: configuration})
-    plans_file = Path(nnUNet_preprocessed) / dataset_name / f"{plans_name}.json"
     plans_file.parent.mkdir(parents=True, exist_ok=True)
     plans_file.write_text(json.dumps(plans, indent=2), encoding="utf-8")
 
