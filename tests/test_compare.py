@@ -107,7 +107,7 @@ def test_compare_reuses_finished_models_and_resumes_stopped_ones(compared, monke
         runs.append((name, done, cmd))
         if cmd[:2] == ("moe_nnunet", "robustness"):
             raise _Stop
-    monkeypatch.setattr(compare._Steps, "run", run)
+    monkeypatch.setattr(compare.Steps, "run", run)
     with pytest.raises(_Stop):
         compare.run_compare("brats_phantom", out, iterations=4, epoch_iterations=2, val_iterations=1,
                             max_features=16, batch_size=4)

@@ -8,18 +8,20 @@ import sys
 
 def run(args: argparse.Namespace) -> int:
     from moe_nnunet.evaluation.compare import CompareError, comparison_table, run_compare
+    from moe_nnunet.evaluation.curves import verdict_words
+    from moe_nnunet.workflow.steps import StepFailed
 
     try:
         report = run_compare(args.d, args.o, iterations=args.iterations, epoch_iterations=args.epoch_iterations,
                              val_iterations=args.val_iterations, max_features=args.max_features,
                              batch_size=args.batch_size, device=args.device, num_cases=args.num_cases)
-    except (CompareError, ValueError, FileNotFoundError) as e:
+    except (CompareError, StepFailed, ValueError, FileNotFoundError) as e:
         print(f"moe_nnunet compare: error: {e}", file=sys.stderr)
         return 1
     print()
     for model, m in report["models"].items():
         v = m["plateau"]
-        verdict = {True: "plateaued", False: "STILL RISING", None: "too short to tell"}[v["plateaued"]]
+        verdict = verdict_words(v).upper() if v["plateaued"] is False else verdict_words(v)
         rise = "" if v["rise"] is None else f" (last quarter {v['last_quarter']:.3f}, rise {v['rise']:+.3f})"
         print(f"[compare] {model}: {verdict}{rise}")
     print("\n" + comparison_table(report))
