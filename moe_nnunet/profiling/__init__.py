@@ -5,7 +5,8 @@ dataset's plans or a patch size; `references`: nnU-Net's ResEnc M and MONAI's Sw
 network's nnU-Net training step on random data), `flops` (FLOP counting), `memory` (the step's peak memory
 simulated on fake tensors, also the planner's memory check) and `benchmark` (`run_benchmark`: time, FLOPs and
 memory of every network); `printing` renders the result. `merge_bench` holds the helpers of the merged-model
-benchmark (scripts/bench_merge.sh).
+benchmark (scripts/bench_merge.sh), `gpu_check` and `gpu_check_trainers` those of the GPU check
+(scripts/gpu_check.sh).
 """
 from moe_nnunet.profiling.benchmark import run_benchmark
 from moe_nnunet.profiling.printing import format_report, write_json
