@@ -1,13 +1,11 @@
-"""report.html of a model folder, the missing-modality table, and the demo's overview page."""
+"""report.html of a model folder, and the missing-modality table (also on the demo's overview page)."""
 from __future__ import annotations
 
 import html
-import os
-from pathlib import Path
 
 from moe_nnunet.evaluation.report.model import Model
 
-__all__ = ["render_html", "missing_modality_html", "write_demo_overview"]
+__all__ = ["render_html", "missing_modality_html"]
 
 
 STYLE = """
@@ -216,71 +214,3 @@ def _progress_html(figures: dict) -> str:
             "(click to enlarge). Top: training loss (blue) and validation loss (red), with the pseudo Dice on the "
             "validation patches (green, dotted; solid: moving average). Middle: seconds per epoch. Bottom: learning "
             f'rate.</p>\n<div class="progress">{items}</div>')
-
-
-# ---------------------------------------------------------------------------------------------------- demo page
-
-def write_demo_overview(summary: dict, path: str | os.PathLike) -> Path:
-    """The demo's report.html: per setting the Dice table (and the missing-modality table), a link to the setting's
-    detailed report, step timings and versions. `summary` is the demo's summary.json."""
-    path = Path(path)
-    trainers = summary["schedule"]["trainers"]
-    minutes = summary.get("steps_total_seconds", summary["run_seconds"]) / 60
-    parts = ["<h1>moe_nnunet demo <small>· M4oE against nnU-Net's own network</small></h1>",
-             f"<p>Device <b>{_e(summary['device'])}</b>, mode <b>{_e(summary['mode'])}</b>: every model trained "
-             f"{summary['schedule']['epochs']} epochs on fold 0 of its dataset with the same schedule "
-             f"({', '.join(f'{_e(r)}: <code>{_e(t)}</code>' for r, t in trainers.items())}) and evaluated on the "
-             f"fold's held-out cases with nnU-Net's own evaluation. The steps took {minutes:.1f} min "
-             f"(this run: {summary['run_seconds'] / 60:.1f} min, reusing what was done); written "
-             f"{_e(summary['date'])}; {_e(', '.join(f'{k} {v}' for k, v in summary['versions'].items()))}.</p>"]
-    if summary.get("note"):
-        parts.append(f'<p class="note">{_e(summary["note"])}</p>')
-    for key, reason in summary.get("skipped", {}).items():
-        parts.append(f'<p class="note">Setting {_e(key)} skipped: {_e(reason)}</p>')
-    for key, r in summary["settings"].items():
-        parts.append(_demo_setting_html(r))
-    rows = "".join(f"<tr><td>{_e(k)}</td><td>{v:.0f}</td></tr>" for k, v in summary["step_seconds"].items())
-    parts.append("<details><summary>Time per step (seconds)</summary><table><tr><th>step</th><th>s</th></tr>"
-                 f"{rows}</table><p class=\"how\">Steps reused from an earlier run keep their first time.</p></details>")
-    path.write_text('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>moe_nnunet demo</title>'
-                    f"<style>{STYLE}</style>\n{IMAGE_CHECK}</head>\n<body>\n" + "\n".join(parts)
-                    + "\n</body></html>\n", encoding="utf-8")
-    return path
-
-
-def _demo_setting_html(r: dict) -> str:
-    roles = list(r["models"])
-    if r.get("modalities"):
-        tags = " or ".join(sorted(set(r["modalities"].values())))
-        channels = f"one image channel per case, {tags} (a modality tag per case; one expert per modality)"
-    else:
-        channels = f"channels {', '.join(r['channels'])} (one expert per channel)"
-    parts = [f"<h2>{_e(r['title'])}</h2>", f"<p>{_e(r['dataset'])}, {_e(channels)}. Data: {_e(r['data'])}.</p>"]
-    head = "".join(f"<th>{_e(role)}<br><small>{_e(r['models'][role]['trainer'])}</small></th>" for role in roles)
-    body = []
-    for name in r["labels"]:
-        cells = [r["models"][role]["validation"]["labels"].get(name) for role in roles]
-        body.append(f"<tr><td>{_e(name)}</td>{''.join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>")
-    cells = [r["models"][role]["validation"]["mean"] for role in roles]
-    body.append(f'<tr class="total"><td>mean (foreground)</td>{"".join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>')
-    modalities = sorted({g for role in roles for g in r["models"][role]["validation"].get("per_modality_mean", {})})
-    for g in modalities:
-        n = sum(1 for c in r.get("modalities", {}).values() if c == g)
-        cells = [r["models"][role]["validation"].get("per_modality_mean", {}).get(g) for role in roles]
-        body.append(f"<tr><td>mean over the {n} {_e(g)} cases</td>"
-                    f"{''.join(_bold_best([(c, _fmt(c)) for c in cells]))}</tr>")
-    parts.append(f"<table><tr><th>Dice</th>{head}</tr>\n" + "\n".join(body) + "</table>")
-    how = (f"Dice on the {len(r['held_out_cases'])} held-out cases of fold 0 ({_e(', '.join(r['held_out_cases']))}), "
-           "from nnU-Net's validation of each model (<code>fold_0/validation/summary.json</code>); bold: the better "
-           "model per row.")
-    stock = r["models"].get("M4oE", {}).get("nnUNetv2_predict")
-    if stock:
-        how += (f" The same cases predicted with stock <code>nnUNetv2_predict</code> from the M4oE model folder, "
-                f"without telling it any case's modality: mean Dice {stock['mean']:.3f}.")
-    parts.append(f'<p class="how">{how}</p>')
-    if r.get("missing_modality"):
-        parts.append("<h3>With a modality missing</h3>")
-        parts.append(missing_modality_html(r["missing_modality"], len(r["held_out_cases"]), 0))
-    parts.append(f'<p><a href="{_e(r["report"])}">Detailed report</a>: Dice per case, gate weights per expert, '
-                 "label and case, example segmentations, training curves.</p>")
-    return "\n".join(parts)
