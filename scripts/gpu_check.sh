@@ -17,13 +17,15 @@
 # --cpu-dry-run runs the same steps on the CPU at tiny sizes (the test does); there nnU-Net neither compiles nor
 # uses fp16, the bench cannot compile (its compiled step runs eager), and the DDP step only forms torchrun's process
 # group (gloo), because nnU-Net's DDP trainer needs CUDA. Every step runs under `timeout` (its own limit, times
-# GPU_CHECK_STEP_LIMIT_SCALE, default 1), and the whole run within GPU_CHECK_BUDGET_S seconds (default 460; 300 for a
+# GPU_CHECK_STEP_LIMIT_SCALE, default 1), and the whole run within GPU_CHECK_BUDGET_S seconds (default 460; 600 for a
 # dry run): a step that would start with less than 20 s left is skipped. The three trainings of (a) and (b) run side
 # by side (the GPU has room; their seconds per epoch are therefore not those of one training alone); the benchmarks
 # run alone.
 # Environment: MOE_NNUNET_VENV (default .venv; reused when moe_nnunet and nnU-Net import, else made with the
 # machine's own torch: --system-site-packages), MOE_NNUNET_WHEELS (as --wheels: install offline from these wheels),
-# GPU_CHECK_PEAK_TFLOPS (dense bf16 peak for the MFU, default 790: the H100/H200 matrix-product rate measured here).
+# GPU_CHECK_PEAK_TFLOPS (bf16 peak for the MFU; default 790, the matrix-product rate measured on H100 and H200
+# machines, whose data-sheet peak is 989), MOE_NNUNET_GPU_CHECK_SCHEDULE (the trainings' EPOCHS,ITERATIONS,
+# VALIDATION_ITERATIONS; default 3,20,5).
 set -uo pipefail
 SELF="$(realpath "${BASH_SOURCE[0]}")"
 ROOT="$(cd "$(dirname "$SELF")/.." && pwd)"
@@ -150,7 +152,7 @@ fi
 # ---------------------------------------------------------------------------------------------------- settings
 ID=975
 if [ "$DRY" = 1 ]; then
-  BUDGET="${GPU_CHECK_BUDGET_S:-300}"; SCHEDULE="1,2,1"; CASES=5; CASE_SHAPE="24, 40, 40"; NPROC=1
+  BUDGET="${GPU_CHECK_BUDGET_S:-600}"; SCHEDULE="1,2,1"; CASES=5; CASE_SHAPE="24, 40, 40"; NPROC=1
   BENCH_PATCH="8 16 16"; BENCH_BATCH=1; BENCH_ITERATIONS=1; BENCH_WARMUP=0; BENCH_FLAGS="--no_memory"
   CASE_SIZE="8 16 24"; CASE_REPEATS=1; PEAK="${GPU_CHECK_PEAK_TFLOPS:-1}"; DA=0
 else
