@@ -129,7 +129,7 @@ def tiny_dataset(nnunet_env) -> Path:
 def _plan(nnunet_env: NNUNetEnv, preprocessed: Path) -> None:
     nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
                    "--verify_dataset_integrity", "--no_pp")
-    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID))
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "--no_verify")  # verified just above
     assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
     nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
     # nnU-Net's 5-fold split, written now rather than by whichever training starts first

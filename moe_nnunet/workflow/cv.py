@@ -23,6 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
+from moe_nnunet.workflow.process_groups import ProcessGroups
+
 __all__ = ["FoldRun", "fold_status", "train_command", "find_best", "best_models", "run_local", "write_slurm_scripts",
            "submit_slurm", "visible_gpus"]
 
@@ -121,26 +123,29 @@ def run_local(runs: Sequence[FoldRun], device: str, train_args: Sequence[str] = 
     failed: list[FoldRun] = []
     running: list[tuple[FoldRun, subprocess.Popen, str | None]] = []
 
-    def wait_one() -> None:
+    def wait_one(groups: ProcessGroups) -> None:
         run, proc, gpu = running.pop(0)
-        if proc.wait() != 0:
+        if groups.wait(proc) != 0:
             failed.append(run)
             _log(f"{run.configuration} fold {run.fold}: nnUNetv2_train exited {proc.returncode}")
         slots.append(gpu)
 
-    for run, status in todo:
-        if not slots:
-            wait_one()
-        gpu = slots.pop(0)
-        env = dict(os.environ) if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
-        cmd = train_command(run, status, device, train_args)
-        where = "" if gpu is None else f" on GPU {gpu}"
-        _log(f"{run.configuration} fold {run.fold}: {status}{where}: {shlex.join(cmd)}")
-        running.append((run, subprocess.Popen(cmd, env=env), gpu))
-        if gpu is None:
-            wait_one()
-    while running:
-        wait_one()
+    # each training in a process group of its own: a fold that dies, or this command stopped, leaves no
+    # data-augmentation workers behind
+    with ProcessGroups() as groups:
+        for run, status in todo:
+            if not slots:
+                wait_one(groups)
+            gpu = slots.pop(0)
+            env = dict(os.environ) if gpu is None else dict(os.environ, CUDA_VISIBLE_DEVICES=gpu)
+            cmd = train_command(run, status, device, train_args)
+            where = "" if gpu is None else f" on GPU {gpu}"
+            _log(f"{run.configuration} fold {run.fold}: {status}{where}: {shlex.join(cmd)}")
+            running.append((run, groups.start(cmd, env=env), gpu))
+            if gpu is None:
+                wait_one(groups)
+        while running:
+            wait_one(groups)
     return failed
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 from moe_nnunet.discovery import ext_trainer_dir
+from moe_nnunet.workflow.process_groups import ProcessGroups
 
 __all__ = ["StepFailed", "Steps", "epochs_logged", "count_files"]
 
@@ -57,18 +58,22 @@ class Steps:
             print(f"[{self.tag}] {name}: already done, reused", flush=True)
             return
         log, start = self.log(name), time.time()
-        with open(log, "a") as f, tqdm(total=total, desc=f"[{self.tag}] {name}", unit=unit, leave=False,
-                                       file=sys.stdout, bar_format=None if total else "{desc}: {elapsed}") as bar:
+        # the step in a process group of its own, ended with whatever it started (nnU-Net's data-augmentation
+        # workers) when it exits, fails or this command is stopped
+        with open(log, "a") as f, ProcessGroups() as groups, \
+                tqdm(total=total, desc=f"[{self.tag}] {name}", unit=unit, leave=False, file=sys.stdout,
+                     bar_format=None if total else "{desc}: {elapsed}") as bar:
             f.write(f"\n$ {' '.join(cmd)}\n")
             f.flush()
-            proc = subprocess.Popen([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], env=self.env, stdout=f,
-                                    stderr=subprocess.STDOUT)
+            proc = groups.start([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], env=self.env, stdout=f,
+                                stderr=subprocess.STDOUT)
             while proc.poll() is None:
                 time.sleep(1.0)
                 if progress and total:
                     bar.update(min(progress(), total) - bar.n)
                 else:
                     bar.refresh()
+            groups.reap(proc)
         self.seconds[name] = round(time.time() - start, 1)
         if proc.returncode != 0:
             raise StepFailed(f"[{self.tag}] {name} failed (exit {proc.returncode}); the end of {log}:\n"

@@ -118,9 +118,9 @@ def _training_html(r: dict) -> str:
     how = ("Seconds per iteration: the median epoch's wall time (validation batches included) divided by its training "
            "iterations. Verdict: the plateau rule at the top of the page; fewer than 8 epochs are too short to tell.")
     figure = (f'<figure><img src="{_e(r["curves"])}" alt="validation pseudo-Dice per epoch of every model">'
-              '<figcaption class="how">Left: each model\'s validation pseudo-Dice per epoch (thin; nnU-Net\'s '
-              "<code>mean_fg_dice</code> on a few validation patches) and its moving average (thick, "
-              "<code>ema_fg_dice</code>) over the training iterations. Right: the wall time of each epoch."
+              '<figcaption class="how">Left: each model\'s validation pseudo-Dice per epoch (nnU-Net\'s '
+              "<code>mean_fg_dice</code> on a few validation patches, the values the plateau rule reads) over the "
+              "training iterations. Right: the wall time of each epoch."
               "</figcaption></figure>")
     return (f"<h3>Training: one budget, the curves and the plateau</h3>\n<p>{budget}</p>\n<table>{head}\n"
             + "\n".join(body) + f'</table>\n<p class="how">{how}</p>\n{figure}')
