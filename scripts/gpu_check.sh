@@ -57,8 +57,9 @@ step_prepare() {
 from moe_nnunet.datasets.phantom import build_phantom
 print(build_phantom("$nnUNet_raw", $ID, name="GpuCheckPhantom", num_cases=$CASES, shape=($CASE_SHAPE)))
 EOF
-  nnUNetv2_plan_and_preprocess -d "$ID" -c 3d_fullres -npfp "$NPROC" --verify_dataset_integrity --no_pp
-  moe_nnunet plan -d "$ID" --no_verify  # nnUNetv2_plan_and_preprocess has just verified it
+  # the phantom's builder checked its geometry and labels as it wrote them: no integrity check needed
+  nnUNetv2_plan_and_preprocess -d "$ID" -c 3d_fullres -npfp "$NPROC" --no_pp
+  moe_nnunet plan -d "$ID" --no_verify
   # our 3d_fullres shares nnU-Net's preprocessed data (nnUNetPlans_3d_fullres): one preprocessing serves both plans
   nnUNetv2_preprocess -d "$ID" -plans_name nnUNetM4oEPlans -c 3d_fullres -np "$NPROC"
 }

@@ -27,6 +27,13 @@ if WORKER:
 
     torch.set_num_threads(1)
 TINY_ID = 990
+# the test files, costliest first (seconds on 2 cores): scripts/test.sh hands them to its two xdist workers in this
+# order, so that no long file starts last while the other worker has nothing left. The first two run side by side:
+# the GPU check's dry run needs no shared model, test_modalities makes the session's `planned` and `trained`
+FILE_ORDER = ("test_gpu_check.py", "test_modalities.py", "test_compare.py", "test_workflow.py", "test_end_to_end.py",
+              "test_merge.py", "test_benchmark.py", "test_demo.py", "test_memory.py", "test_network.py",
+              "test_distributed.py", "test_combine.py", "test_bad_input.py", "test_cv.py", "test_datasets.py",
+              "test_report.py", "test_discovery.py", "test_checkpoint_safety.py")
 PLANS = "nnUNetM4oEPlans"
 TRAINER = "nnUNetTrainerM4oE_debug"
 
@@ -92,6 +99,12 @@ class NNUNetEnv:
         return self.results / f"Dataset{TINY_ID}_TinyPhantom" / f"{trainer}__{plans}__3d_fullres"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Files in `FILE_ORDER` (the rest after them, alphabetically), each file's tests in their own order."""
+    rank = {name: i for i, name in enumerate(FILE_ORDER)}
+    items.sort(key=lambda item: (rank.get(item.path.name, len(rank)), item.path.name))
+
+
 def _shared_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """This session's temporary folder, or under pytest-xdist the one folder all workers of the run share."""
     base = tmp_path_factory.getbasetemp()
@@ -127,11 +140,11 @@ def tiny_dataset(nnunet_env) -> Path:
 
 
 def _plan(nnunet_env: NNUNetEnv, preprocessed: Path) -> None:
-    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "2",
+    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "1",
                    "--verify_dataset_integrity", "--no_pp")
     out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "--no_verify")  # verified just above
     assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
-    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "2")
+    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1")
     # nnU-Net's 5-fold split, written now rather than by whichever training starts first
     from batchgenerators.utilities.file_and_folder_operations import save_json
     from nnunetv2.utilities.crossval_split import generate_crossval_split

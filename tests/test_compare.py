@@ -1,5 +1,6 @@
-"""`moe_nnunet compare` end to end on a tiny schedule (every model, every modality removed, the plateau verdicts,
-resuming), and its plateau rule on synthetic curves."""
+"""`moe_nnunet compare` end to end on a tiny schedule (nnU-Net and M4oE chosen with --models, every modality
+removed, the plateau verdicts, resuming), and its plateau rule on synthetic curves. The other rows' trainers are
+nnU-Net's and M4oE's with another dropout probability or plans (tests/test_modalities.py trains channel dropout)."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 from moe_nnunet.datasets.brats_phantom import CHANNELS, LABELS, build_brats_phantom
+from moe_nnunet.commands.compare import MODEL_KEYS
 from moe_nnunet.evaluation.compare import MODELS, plateau_verdict
 from conftest import THREAD_ENV
 
@@ -37,7 +39,7 @@ def _compare(out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, nnUNet_def_n_proc="1", **THREAD_ENV)
     proc = subprocess.run([str(BIN / "moe_nnunet"), "compare", "-d", "brats_phantom", "-o", str(out),
                            "--iterations", "4", "--epoch_iterations", "2", "--val_iterations", "1",
-                           "--max_features", "16", "--batch_size", "4"],
+                           "--max_features", "16", "--batch_size", "4", "--models", "nnunet", "m4oe"],
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -45,22 +47,25 @@ def _compare(out: Path) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
-    """The command on a tiny phantom, 2 epochs of 2 iterations per model."""
+    """The command on a tiny phantom, 2 epochs of 2 iterations for nnU-Net and M4oE."""
     out = tmp_path_factory.mktemp("compare")
     # a tiny phantom where the command would build the default one (it reuses a built dataset)
     build_brats_phantom(out / "nnUNet_raw", 908, num_cases=10, shape=(3, 40, 40), spacing=(4.0, 3.0, 3.0))
     return out, _compare(out)
 
 
-def test_compare_trains_every_model_and_tables_every_modality_removed(compared):
+def test_compare_trains_the_chosen_models_and_tables_every_modality_removed(compared):
     out, proc = compared
+    assert list(MODEL_KEYS.values()) == [m for m, _, _ in MODELS]  # a --models key for every row
+    chosen = [MODELS[0], MODELS[2]]
     report = json.loads((out / "comparison.json").read_text())
     assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert report["schedule"] == {"num_epochs": 2, "num_iterations_per_epoch": 2, "num_val_iterations_per_epoch": 1,
                                   "iterations": 4}
-    assert list(report["models"]) == [m for m, _, _ in MODELS]
+    assert list(report["models"]) == [m for m, _, _ in chosen]
+    assert set(report["robustness"]["results"]) == {t for _, t, _ in chosen}
     conditions = ["full input"] + [f"without {c}" for c in CHANNELS]
-    for model, trainer, plans in MODELS:
+    for model, trainer, plans in chosen:
         m = report["models"][model]
         assert m["epochs"] == 2 and len(report["curves"][model]["mean_fg_dice"]) == 2
         assert m["plateau"]["plateaued"] is None and f"{model}: too short to tell" in proc.stdout
@@ -78,13 +83,13 @@ def test_compare_trains_every_model_and_tables_every_modality_removed(compared):
     assert "moe_nnunet_compare_schedule" not in plans["nnUNetPlans"]
 
     table = (out / "comparison.md").read_text()
-    for model, trainer, _ in MODELS:
+    for model, trainer, _ in chosen:
         assert f"| {model} | `{trainer}`" in table
-    assert table.count("too short to tell") == len(MODELS)
+    assert table.count("too short to tell") == len(chosen) and MODELS[1][0] not in table
     for condition in conditions:
         assert f"| {condition} | **mean** |" in table                  # per-label rows
     assert "| model | " + " | ".join(conditions) + " |" in table      # mean Dice per condition
-    assert "Sanity: M4oE with one expert" in table
+    assert "Sanity" not in table and report["sanity"] is None  # it needs the one-expert row
 
 
 class _Stop(Exception):
@@ -110,7 +115,7 @@ def test_compare_reuses_finished_models_and_resumes_stopped_ones(compared, monke
     monkeypatch.setattr(compare.Steps, "run", run)
     with pytest.raises(_Stop):
         compare.run_compare("brats_phantom", out, iterations=4, epoch_iterations=2, val_iterations=1,
-                            max_features=16, batch_size=4)
+                            max_features=16, batch_size=4, models=[MODELS[0][0], MODELS[2][0]])
     trainings = {name: (done, cmd) for name, done, cmd in runs if cmd[0] == "nnUNetv2_train"}
     assert all(done for name, (done, _) in trainings.items() if name != "train M4oE")
     done, cmd = trainings["train M4oE"]
@@ -119,4 +124,4 @@ def test_compare_reuses_finished_models_and_resumes_stopped_ones(compared, monke
 
     with pytest.raises(compare.CompareError, match="another budget"):
         compare.run_compare("brats_phantom", out, iterations=8, epoch_iterations=2, val_iterations=1,
-                            max_features=16, batch_size=4)
+                            max_features=16, batch_size=4, models=[MODELS[0][0], MODELS[2][0]])

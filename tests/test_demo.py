@@ -15,7 +15,7 @@ from moe_nnunet.demo.scale import scale_json
 from moe_nnunet.demo.summary import headline
 from moe_nnunet.evaluation.curves import PLATEAU_RULE, plateau_verdict, plot_curves
 from moe_nnunet.evaluation.report import write_demo_overview
-from moe_nnunet.workflow.steps import StepFailed, Steps
+from moe_nnunet.workflow.steps import StepFailed, Steps, epochs_logged
 from conftest import PLANS, TINY_ID, TRAINER
 from test_report import CHROMIUM, CHROMIUM_FLAGS, PNG_SIGNATURE
 
@@ -202,3 +202,17 @@ def test_a_failed_step_names_its_log_and_shows_its_end(tmp_path):
     message = str(e.value)
     assert "bad plan failed" in message and "bad_plan.log" in message and "4242" in message
     steps.run("bad plan", True, "moe_nnunet", "plan", "-d", "4242")  # done steps are not run again
+
+
+def test_progress_counts_the_epochs_of_the_steps_last_run(tmp_path):
+    """A step run again (another budget's run above it in the same log, or a resumed training) shows the epochs
+    of its latest run, not the highest epoch the log ever held."""
+    log = tmp_path / "train.log"
+    assert epochs_logged(log)() == 0
+    epochs = "".join(f"2026-01-01 10:00:0{e}.0: Epoch {e}\n" for e in range(8))
+    log.write_text(f"\n$ nnUNetv2_train 908 2d 0\n{epochs}\n$ nnUNetv2_train 908 2d 0\n")
+    assert epochs_logged(log)() == 0
+    log.write_text(log.read_text() + "2026-01-01 11:00:00.0: Epoch 0\n2026-01-01 11:00:01.0: Epoch 1\n")
+    assert epochs_logged(log)() == 2
+    log.write_text(log.read_text() + "\n$ nnUNetv2_train 908 2d 0 --c\n2026-01-01 12:00:00.0: Epoch 2\n")
+    assert epochs_logged(log)() == 3  # resumed: nnU-Net goes on counting

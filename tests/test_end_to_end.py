@@ -102,13 +102,3 @@ def test_trainer_runs_on_stock_nnunet_plans_as_fold_all(nnunet_env, planned, tin
                    "-nps", "1")
     seg = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "TinyPhantom_000.nii.gz")))
     assert seg.shape == (24, 40, 40) and set(np.unique(seg)) <= {0, 1, 2, 3, 4}
-
-
-def test_val_reruns_validation_from_the_final_checkpoint(nnunet_env, trained, tmp_path):
-    env = nnunet_env.with_results(tmp_path / "results", trained)  # a copy: the session's model stays as it is
-    validation = env.results / trained.relative_to(nnunet_env.results) / "fold_0" / "validation"
-    shutil.rmtree(validation)
-    env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "0", "-tr", TRAINER, "-p", PLANS, "-device", "cpu", "--val",
-            "--npz")
-    assert (validation / "summary.json").is_file()
-    assert list(validation.glob("*.npz"))

@@ -6,15 +6,22 @@ import argparse
 import sys
 
 
+# --models: a short key per row of moe_nnunet.evaluation.equal_budget.MODELS
+MODEL_KEYS = {"nnunet": "nnU-Net", "dropout": "nnU-Net + channel dropout", "m4oe": "M4oE",
+              "one_expert": "M4oE, 1 expert, no dropout (sanity)"}
+
+
 def run(args: argparse.Namespace) -> int:
     from moe_nnunet.evaluation.compare import CompareError, comparison_table, run_compare
     from moe_nnunet.evaluation.curves import verdict_words
     from moe_nnunet.workflow.steps import StepFailed
 
     try:
+        models = None if args.models is None else [MODEL_KEYS[k] for k in args.models]
         report = run_compare(args.d, args.o, iterations=args.iterations, epoch_iterations=args.epoch_iterations,
                              val_iterations=args.val_iterations, max_features=args.max_features,
-                             batch_size=args.batch_size, device=args.device, num_cases=args.num_cases)
+                             batch_size=args.batch_size, device=args.device, num_cases=args.num_cases,
+                             models=models)
     except (CompareError, StepFailed, ValueError, FileNotFoundError) as e:
         print(f"moe_nnunet compare: error: {e}", file=sys.stderr)
         return 1
@@ -53,5 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="cap on the features per stage of every network (default 64)")
     p.add_argument("--batch_size", type=int, default=12, help="batch size of every model (default 12)")
     p.add_argument("--num_cases", type=int, default=None, help="cases to build (builders only; default theirs)")
+    p.add_argument("--models", nargs="+", choices=list(MODEL_KEYS), default=None,
+                   help="train and compare only these models (default all: " + ", ".join(
+                       f"{k} = {v}" for k, v in MODEL_KEYS.items()) + "); the sanity line needs nnunet and "
+                       "one_expert")
     p.add_argument("-device", default="cpu", choices=["cpu", "cuda", "mps"], help="device (default cpu)")
     p.set_defaults(func=run)

@@ -82,14 +82,17 @@ class Steps:
 
 
 def epochs_logged(log: Path) -> Callable[[], int]:
-    """Counts the epochs nnU-Net's training has started according to its log (for a progress bar)."""
+    """Counts the epochs nnU-Net's training has started according to its log (for a progress bar): the highest
+    epoch number since the step's last start (the log keeps earlier runs of the step above a `$ command` line;
+    a run resumed with --c goes on with nnU-Net's epoch numbers)."""
     pattern = re.compile(r": Epoch (\d+)\s*$", re.MULTILINE)
 
     def count() -> int:
         try:
-            return max((int(e) for e in pattern.findall(log.read_text(errors="replace"))), default=-1) + 1
+            text = log.read_text(errors="replace").rsplit("\n$ ", 1)[-1]
         except FileNotFoundError:
             return 0
+        return max((int(e) for e in pattern.findall(text)), default=-1) + 1
     return count
 
 
