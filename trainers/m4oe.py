@@ -34,7 +34,7 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
         strides and channels) when the plans name another network;
       * optimiser: AdamW (lr 1e-3, weight decay 0.05 on weights only) with a 10-epoch linear warm-up then
         nnU-Net's poly decay. The gates' routers, which start from an even split, learn at 10x the rate
-        (`router_lr_factor`). On a 600-iteration 2d budget (documentation/modalities.md) AdamW at 3e-4 learnt
+        (`router_lr_factor`). On a 600-iteration 2d budget (documentation/results.md) AdamW at 3e-4 learnt
         too slowly to catch up with nnU-Net's SGD (mean Dice 0.913 against 0.976), AdamW at 1e-3 matched it
         (0.977), and nnU-Net's own SGD (1e-2, Nesterov momentum 0.99) on this network reached 0.954;
       * loss: nnU-Net's DC+CE with deep supervision, plus the routers' balance and z-losses, plus a
