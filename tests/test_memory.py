@@ -104,8 +104,10 @@ def test_planner_shrinks_the_patch_until_the_simulated_step_fits(nnunet_env, pla
     simulated as the planner does, fits in 0.15 GiB."""
     from moe_nnunet.profiling import NetworkSpec
 
-    nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "-gpu_memory_target", "0.15",
-                   "-overwrite_plans_name", "nnUNetM4oEPlans_small")
+    # with moe_nnunet plan's default dataset checks, which a good dataset passes
+    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "-gpu_memory_target", "0.15",
+                         "-overwrite_plans_name", "nnUNetM4oEPlans_small")
+    assert "Checking Dataset990_TinyPhantom" in out.stdout
     default = json.loads((planned / "nnUNetM4oEPlans.json").read_text())["configurations"]["3d_fullres"]
     small = json.loads((planned / "nnUNetM4oEPlans_small.json").read_text())["configurations"]["3d_fullres"]
     assert small["architecture"]["network_class_name"].endswith("M4oEUNet")
