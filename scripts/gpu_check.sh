@@ -51,17 +51,10 @@ step_setup() {
   "$VENV/bin/python" -c "import moe_nnunet.trainers, nnunetv2, torch; print('torch', torch.__version__)"
 }
 
-step_prepare() {
-  set -e
-  python - <<EOF
-from moe_nnunet.datasets.phantom import build_phantom
-print(build_phantom("$nnUNet_raw", $ID, name="GpuCheckPhantom", num_cases=$CASES, shape=($CASE_SHAPE)))
-EOF
-  # the phantom's builder checked its geometry and labels as it wrote them: no integrity check needed
-  nnUNetv2_plan_and_preprocess -d "$ID" -c 3d_fullres -npfp "$NPROC" --no_pp
-  moe_nnunet plan -d "$ID" --no_verify
-  # our 3d_fullres shares nnU-Net's preprocessed data (nnUNetPlans_3d_fullres): one preprocessing serves both plans
-  nnUNetv2_preprocess -d "$ID" -plans_name nnUNetM4oEPlans -c 3d_fullres -np "$NPROC"
+step_prepare() {  # as nnUNetv2_plan_and_preprocess, moe_nnunet plan and nnUNetv2_preprocess, in one process
+  python -c "from moe_nnunet.datasets.phantom import build_phantom, plan_phantom
+print(build_phantom('$nnUNet_raw', $ID, name='GpuCheckPhantom', num_cases=$CASES, shape=($CASE_SHAPE)))
+print('plans:', plan_phantom($ID, '3d_fullres', $NPROC))"
 }
 
 train() { nnUNet_n_proc_DA="$DA" nnUNetv2_train "$ID" 3d_fullres "$@" -device "$DEVICE"; }

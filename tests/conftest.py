@@ -8,6 +8,7 @@ in a results folder of their own (`NNUNetEnv.with_results`).
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import shutil
 import subprocess
@@ -139,17 +140,44 @@ def tiny_dataset(nnunet_env) -> Path:
     return folder
 
 
+class ForkingMultiprocessing:
+    """Stands in for the ``multiprocessing`` module inside nnU-Net's worker pools: hands out "fork" contexts where it
+    asks for "spawn", so a pool does not start a fresh interpreter (and import torch again) per worker. What the
+    workers compute is unchanged."""
+
+    def __getattr__(self, name: str):
+        return getattr(multiprocessing, name)
+
+    @staticmethod
+    def get_context(method: str | None = None):
+        return multiprocessing.get_context("fork")
+
+
+def forked_pools(mp: pytest.MonkeyPatch, *modules) -> None:
+    """nnU-Net's pools in `modules` fork instead of spawning, where the platform can fork."""
+    if "fork" in multiprocessing.get_all_start_methods():
+        for module in modules:
+            mp.setattr(module, "multiprocessing", ForkingMultiprocessing())
+
+
 def _plan(nnunet_env: NNUNetEnv, preprocessed: Path) -> None:
-    # the builder checked the phantom's geometry and labels as it wrote them (moe_nnunet plan's checks of bad
-    # datasets: tests/test_bad_input.py)
-    nnunet_env.run("nnUNetv2_plan_and_preprocess", "-d", str(TINY_ID), "-c", "3d_fullres", "-np", "1", "--no_pp")
-    out = nnunet_env.run("moe_nnunet", "plan", "-d", str(TINY_ID), "--no_verify")
-    assert f"nnUNetv2_preprocess -d {TINY_ID} -plans_name {PLANS}" in out.stdout
-    nnunet_env.run("nnUNetv2_preprocess", "-d", str(TINY_ID), "-plans_name", PLANS, "-c", "3d_fullres", "-np", "1")
-    # nnU-Net's 5-fold split, written now rather than by whichever training starts first
+    """nnU-Net's and our plans of the phantom and its preprocessing, in this process (`plan_phantom`: what
+    `nnUNetv2_plan_and_preprocess --no_pp`, `moe_nnunet plan` and `nnUNetv2_preprocess` do; those commands
+    themselves run in tests/test_compare.py, `moe_nnunet plan`'s dataset checks in tests/test_bad_input.py)."""
     from batchgenerators.utilities.file_and_folder_operations import save_json
+    from nnunetv2.experiment_planning.dataset_fingerprint import fingerprint_extractor
+    from nnunetv2.preprocessing.preprocessors import default_preprocessor
     from nnunetv2.utilities.crossval_split import generate_crossval_split
 
+    from moe_nnunet.datasets.phantom import plan_phantom
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in nnunet_env.env.items():
+            if name.startswith("nnUNet_"):
+                mp.setenv(name, value)
+        forked_pools(mp, fingerprint_extractor, default_preprocessor)
+        assert plan_phantom(TINY_ID, "3d_fullres", 1) == ["nnUNetPlans", PLANS]
+    # nnU-Net's 5-fold split, written now rather than by whichever training starts first
     cases = sorted(f.name[:-len(".pkl")] for f in (preprocessed / "nnUNetPlans_3d_fullres").glob("*.pkl"))
     save_json(generate_crossval_split(cases, seed=12345, n_splits=5), str(preprocessed / "splits_final.json"))
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +13,8 @@ from moe_nnunet.cli import main
 from moe_nnunet.datasets.combine import (MODALITY_KEY, TAG_FILE, combine_datasets, experts_from_dataset_json,
                                          read_modality_tags)
 from moe_nnunet.datasets.common import same_geometry, write_nnunet_dataset
-from conftest import NNUNetEnv
-from test_datasets import _ForkingMultiprocessing, check_integrity
+from conftest import NNUNetEnv, forked_pools
+from test_datasets import check_integrity
 
 CT_ID, MRI_ID, LESION_ID = 971, 972, 973
 NNUNET_VARS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -188,9 +187,7 @@ def plan_in_process(nnunet_env, dataset_id: int, monkeypatch) -> dict:
 
     for var, folder in zip(NNUNET_VARS, (nnunet_env.raw, nnunet_env.preprocessed, nnunet_env.results)):
         monkeypatch.setenv(var, str(folder))
-    if "fork" in multiprocessing.get_all_start_methods():
-        for module in (verify_dataset_integrity, fingerprint_extractor):
-            monkeypatch.setattr(module, "multiprocessing", _ForkingMultiprocessing())
+    forked_pools(monkeypatch, verify_dataset_integrity, fingerprint_extractor)
     class FewSamples(fingerprint_extractor.DatasetFingerprintExtractor):
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import time
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import forked_pools
 from moe_nnunet.datasets import DATASETS, build_dataset
 from moe_nnunet.datasets.common import crop, random_crop_start, resample_to_spacing, write_nnunet_dataset
 from moe_nnunet.datasets.phantom import build_phantom
@@ -28,25 +28,11 @@ def case_arrays(folder: Path, case_id: str, num_channels: int) -> tuple[list[np.
     return images, read(folder / "labelsTr" / f"{case_id}.nii.gz")
 
 
-class _ForkingMultiprocessing:
-    """Stands in for the ``multiprocessing`` module inside nnU-Net's integrity check: hands out "fork" contexts
-    where it asks for "spawn", so its worker pool does not start a fresh interpreter (and re-import torch) per
-    call. The checks themselves are unchanged."""
-
-    def __getattr__(self, name: str):
-        return getattr(multiprocessing, name)
-
-    @staticmethod
-    def get_context(method: str | None = None):
-        return multiprocessing.get_context("fork")
-
-
 def check_integrity(folder: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     """nnU-Net's own dataset check; its workers print (not raise) geometry warnings, so read the output too."""
     from nnunetv2.experiment_planning import verify_dataset_integrity as module
 
-    if "fork" in multiprocessing.get_all_start_methods():
-        monkeypatch.setattr(module, "multiprocessing", _ForkingMultiprocessing())
+    forked_pools(monkeypatch, module)
     capfd.readouterr()
     module.verify_dataset_integrity(str(folder), num_processes=1)
     out = capfd.readouterr()

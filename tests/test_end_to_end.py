@@ -86,9 +86,9 @@ def test_stock_predict_writes_valid_segmentations(nnunet_env, trained, tiny_data
 
 def test_trainer_runs_on_stock_nnunet_plans_as_fold_all(nnunet_env, planned, tiny_dataset, tmp_path):
     """Only the trainer flag: nnU-Net's own plans (PlainConvUNet) become an M4oE network of the same topology.
-    Fold `all` trains on every case (and validates on them, as nnU-Net does); `nnUNetv2_predict -f all` uses it."""
-    nnunet_env.run("nnUNetv2_train", str(TINY_ID), "3d_fullres", "all", "-tr", TRAINER, "-device", "cpu")
-    fold = nnunet_env.results / planned.name / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_all"
+    Fold `all` trains on every case (and validates on them, as nnU-Net does; trained by nnU-Net's `run_training` in
+    this process, the stock command is the `trained` fixture's); `nnUNetv2_predict -f all` uses it."""
+    fold = nnunet_env.train_in_process("all", TRAINER, "nnUNetPlans", npz=False) / "fold_all"
     ckpt = torch.load(fold / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     assert any(k.startswith("encoder.gates.") for k in ckpt["network_weights"])
     cases = json.loads((fold / "validation" / "summary.json").read_text())["metric_per_case"]

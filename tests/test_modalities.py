@@ -108,10 +108,12 @@ def _copy_cases(dataset, dest, cases):
             shutil.copy(f, dest / f.name)
 
 
-def _predict(env, inp, out, trainer, plans, *extra, check=True):
+def _predict(env, inp, out, trainer, plans, *extra, check=True, workers="0"):
+    """`moe_nnunet predict`; with the default `workers` "0" it preprocesses and exports in its own process
+    (nnU-Net's `predict_from_files_sequential`), else with that many worker processes each."""
     return env.run("moe_nnunet", "predict", "-i", str(inp), "-o", str(out), "-d", str(TINY_ID), "-c", "3d_fullres",
-                   "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "--disable_tta", "-npp", "1",
-                   "-nps", "1", "--disable_progress_bar", *extra, check=check)
+                   "-f", "0", "-tr", trainer, "-p", plans, "-device", "cpu", "--disable_tta", "-npp", workers,
+                   "-nps", workers, "--disable_progress_bar", *extra, check=check)
 
 
 def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, trained, tiny_dataset, tmp_path):
@@ -121,13 +123,13 @@ def test_predict_with_a_missing_channel_file_masks_its_expert(nnunet_env, traine
     _copy_cases(tiny_dataset, inp, cases)
     (inp / "TinyPhantom_001_0001.nii.gz").unlink()  # case 001 has no T2
     out = tmp_path / "out"
-    proc = _predict(nnunet_env, inp, out, trainer, PLANS)
+    proc = _predict(nnunet_env, inp, out, trainer, PLANS, workers="1")  # through nnU-Net's worker processes
     assert "1 case(s) without T2: experts masked" in proc.stdout
     ref = sitk.ReadImage(str(tiny_dataset / "imagesTr" / "TinyPhantom_001_0000.nii.gz"))
     seg = sitk.ReadImage(str(out / "TinyPhantom_001.nii.gz"))
     assert seg.GetSize() == ref.GetSize() and np.allclose(seg.GetOrigin(), ref.GetOrigin())
     assert (out / "TinyPhantom_000.nii.gz").is_file()
-    # the same as declaring T2 missing on the complete case
+    # the same as declaring T2 missing on the complete case (predicted without worker processes)
     full = tmp_path / "full"
     _copy_cases(tiny_dataset, full, ["TinyPhantom_001"])
     _predict(nnunet_env, full, tmp_path / "declared", trainer, PLANS, "--missing", "T2")

@@ -209,3 +209,32 @@ def build_phantom(raw_root: str | os.PathLike, dataset_id: int, name: str = "Mul
     with open(folder / "phantom_description.json", "w", encoding="utf-8") as f:
         json.dump(description, f, indent=2)
     return folder
+
+
+def plan_phantom(dataset_id: int, configuration: str = "3d_fullres", num_processes: int = 1) -> list[str]:
+    """Fingerprint, nnU-Net's plans, M4oE plans (`moe_nnunet plan`) and nnU-Net's preprocessing of ``configuration``
+    for a phantom written by `build_phantom`, in this process, in ``$nnUNet_raw`` / ``$nnUNet_preprocessed``.
+
+    This is what `nnUNetv2_plan_and_preprocess -c C --no_pp`, `moe_nnunet plan --no_verify` and
+    `nnUNetv2_preprocess -plans_name nnUNetM4oEPlans -c C` do, without their integrity checks (the builder checked
+    geometry and labels as it wrote them) and with 1e5 foreground intensities sampled for the fingerprint instead of
+    nnU-Net's 1e8 (tens of seconds on a CPU): the phantom's channels are z-scored per case, so no plan reads them.
+    Both plans name the same preprocessed data (``nnUNetPlans_{configuration}``), so one preprocessing serves both.
+    Returns the plans names written.
+    """
+    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
+    from nnunetv2.experiment_planning.experiment_planners.default_experiment_planner import ExperimentPlanner
+    from nnunetv2.experiment_planning.plan_and_preprocess_api import (extract_fingerprint_dataset,
+                                                                      plan_experiment_dataset, preprocess_dataset)
+    from moe_nnunet.planners import M4oEPlanner
+
+    class _FewSamples(DatasetFingerprintExtractor):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self.num_foreground_voxels_for_intensitystats = 1e5
+
+    extract_fingerprint_dataset(dataset_id, _FewSamples, num_processes=num_processes, check_dataset_integrity=False,
+                                clean=True, verbose=False, show_progress_bar=False)
+    names = [plan_experiment_dataset(dataset_id, planner)[1] for planner in (ExperimentPlanner, M4oEPlanner)]
+    preprocess_dataset(dataset_id, names[-1], (configuration,), (num_processes,), show_progress_bar=False)
+    return names
