@@ -32,9 +32,9 @@ TINY_ID = 990
 # order, so that no long file starts last while the other worker has nothing left. The first two run side by side:
 # the GPU check's dry run needs no shared model, test_modalities makes the session's `planned` and `trained`
 FILE_ORDER = ("test_gpu_check.py", "test_modalities.py", "test_compare.py", "test_workflow.py", "test_end_to_end.py",
-              "test_merge.py", "test_benchmark.py", "test_demo.py", "test_memory.py", "test_network.py",
-              "test_distributed.py", "test_combine.py", "test_bad_input.py", "test_cv.py", "test_datasets.py",
-              "test_report.py", "test_discovery.py", "test_checkpoint_safety.py")
+              "test_merge.py", "test_partial_labels.py", "test_benchmark.py", "test_demo.py", "test_memory.py",
+              "test_network.py", "test_distributed.py", "test_combine.py", "test_bad_input.py", "test_cv.py",
+              "test_datasets.py", "test_report.py", "test_discovery.py", "test_checkpoint_safety.py")
 PLANS = "nnUNetM4oEPlans"
 TRAINER = "nnUNetTrainerM4oE_debug"
 

@@ -10,7 +10,8 @@ import pytest
 import SimpleITK as sitk
 
 from moe_nnunet.cli import main
-from moe_nnunet.datasets.combine import (MODALITY_KEY, TAG_FILE, combine_datasets, experts_from_dataset_json,
+from moe_nnunet.datasets.combine import (MODALITY_KEY, TAG_FILE, annotated_label_values, combine_datasets,
+                                         experts_from_dataset_json,
                                          read_modality_tags)
 from moe_nnunet.datasets.common import same_geometry, write_nnunet_dataset
 from conftest import NNUNetEnv, forked_pools
@@ -217,6 +218,38 @@ def test_labels_mapped_by_name(tmp_path: Path) -> None:
     np.testing.assert_array_equal(read(folder / "labelsTr" / "CT_A_001.nii.gz"), read(a / "labelsTr" / "A_001.nii.gz"))
 
 
+def test_partial_labels_make_the_union_and_record_what_each_dataset_annotates(tmp_path: Path) -> None:
+    """Overlapping and disjoint label sets: the union by name, each source's annotated labels recorded, source
+    values mapped; a --rename makes two names one structure."""
+    synthetic(tmp_path, 1, "Liver", ["CT"], {"background": 0, "liver": 1, "tumour": 2})
+    synthetic(tmp_path, 2, "Abdomen", ["MRI"], {"background": 0, "spleen": 1, "liver": 2})
+    synthetic(tmp_path, 3, "Lesions", ["PET"], {"background": 0, "lesion": 1})
+    folder = combine_datasets([1, 2, 3], 10, "Union", raw_root=tmp_path)
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "liver": 1, "tumour": 2, "spleen": 3, "lesion": 4}
+    tags = read_modality_tags(dataset_json)
+    assert tags["annotated_labels"] == {"CT": ["liver", "tumour"], "MRI": ["liver", "spleen"], "PET": ["lesion"]}
+    assert annotated_label_values(dataset_json) == {"CT": [0, 1, 2], "MRI": [0, 1, 3], "PET": [0, 4]}
+    src = read(tmp_path / "Dataset002_Abdomen" / "labelsTr" / "Abdomen_000.nii.gz")
+    np.testing.assert_array_equal(read(folder / "labelsTr" / "MRI_Abdomen_000.nii.gz"), np.choose(src, [0, 3, 1]))
+    assert json.loads((folder / "modalities.json").read_text()) == tags
+
+    renamed = combine_datasets([1, 3], 11, "Renamed", raw_root=tmp_path, renames=["3:lesion=tumour"])
+    renamed_json = json.loads((renamed / "dataset.json").read_text())
+    assert renamed_json["labels"] == {"background": 0, "liver": 1, "tumour": 2}
+    assert annotated_label_values(renamed_json) == {"CT": [0, 1, 2], "PET": [0, 2]}
+    # every dataset annotating every label: no partial labels recorded
+    same = combine_datasets([1, 2], 12, "Same", raw_root=tmp_path, renames=["1:tumour=spleen"])
+    assert annotated_label_values(json.loads((same / "dataset.json").read_text())) is None
+    for renames, message in ((["3:organ=tumour"], r"Dataset003_Lesions has no label 'organ'.*lesion"),
+                             (["7:lesion=tumour"], r"'7' names none of the datasets"),
+                             (["1:liver=tumour"], r"already has a label 'tumour'"),
+                             (["lesion=tumour"], r"write DATASET:OLD=NEW")):
+        with pytest.raises(ValueError, match=message):
+            combine_datasets([1, 3], 13, "Refused", raw_root=tmp_path, renames=renames)
+    assert not list(tmp_path.glob("*Refused*"))
+
+
 def test_refusals(tmp_path: Path) -> None:
     synthetic(tmp_path, 1, "LungCT", ["CT"], LESION)
     synthetic(tmp_path, 2, "BrainTumour", ["MRI"], {"background": 0, "tumour": 1})
@@ -224,7 +257,6 @@ def test_refusals(tmp_path: Path) -> None:
     synthetic(tmp_path, 4, "OtherCT", ["CT"], LESION)
     synthetic(tmp_path, 5, "BrainMRI", ["MRI"], LESION)
     cases = [
-        ([1, 2], None, r"LungCT lacks \['tumour'\].*BrainTumour lacks \['lesion'\].*[Rr]elabel.*drop the label"),
         ([1, 3], None, r"Dataset003_TwoChannel has 2 channels.*single-channel.*one dataset per channel"),
         ([1, 4], None, r"same modality tag 'CT'.*--modalities.*merge"),
         ([1, 4], ["CT", "ct"], r"same modality tag"),
@@ -283,8 +315,12 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["combine", "-d", "1", "2", "-o", "4", "--name", "Lesion", *raw]) == 0
     out = capsys.readouterr().out
     assert str(tmp_path / "Dataset004_Lesion") in out and "moe_nnunet plan -d 4" in out
-    assert main(["combine", "-d", "1", "3", "-o", "5", "--name", "X", *raw]) == 1
-    assert capsys.readouterr().err.startswith("moe_nnunet combine: error: label names differ")
+    assert main(["combine", "-d", "1", "3", "-o", "5", "--name", "X", *raw]) == 0  # partial labels
+    out = capsys.readouterr().out
+    assert "CT: 2 cases from Dataset001_LungCT, annotating lesion" in out and "partial labels" in out
+    assert main(["combine", "-d", "1", "3", "-o", "7", "--name", "Z", "--rename", "3:tumor=lesion", *raw]) == 1
+    assert "moe_nnunet combine: error: --rename 3:tumor=lesion: Dataset003_BrainTumour has no label 'tumor'" in \
+        capsys.readouterr().err
     assert main(["combine", "-d", "1", "2", "-o", "4", "--name", "Lesion", *raw]) == 1
     assert "already exists" in capsys.readouterr().err
     assert main(["combine", "-d", "1", "2", "-o", "6", "--name", "Y", "--modalities", "CT", *raw]) == 2

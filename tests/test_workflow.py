@@ -28,6 +28,8 @@ D = str(TINY_ID)
 FOLDS = ["0", "1"]  # fold 0: the session's `trained` model; fold 1: the killed and resumed run
 KILLED = "1"
 PREDICT_FLAGS = ["-device", "cpu", "--disable_tta", "-npp", "1", "-nps", "1"]
+# moe_nnunet predict's refusals: checked before any prediction, in the command's own process
+REFUSAL_FLAGS = ["-device", "cpu", "--disable_tta", "-npp", "0", "-nps", "0"]
 
 
 def model_folder(env, trainer: str = TRAINER, plans: str = PLANS) -> Path:
@@ -272,7 +274,7 @@ def _untouched(output: Path) -> bool:
 def test_predict_names_the_missing_fold_and_the_trained_ones(one_fold_copy, test_images):
     _, output, env = one_fold_copy
     out = _run(env, "moe_nnunet", "predict", "-i", str(test_images), "-o", str(output), "-d", D, "-c", "3d_fullres",
-               "-tr", TRAINER, "-p", PLANS, *PREDICT_FLAGS)
+               "-tr", TRAINER, "-p", PLANS, *REFUSAL_FLAGS)
     assert out.returncode == 1
     assert "fold 1 of" in out.stderr and "has no checkpoint_final.pth" in out.stderr and "-f 0." in out.stderr
     assert _untouched(output) and len(list(output.iterdir())) == 1
@@ -281,7 +283,7 @@ def test_predict_names_the_missing_fold_and_the_trained_ones(one_fold_copy, test
 def test_predict_with_unknown_plans_lists_the_trained_models(one_fold_copy, test_images):
     copy, output, env = one_fold_copy
     out = _run(env, "moe_nnunet", "predict", "-i", str(test_images), "-o", str(output), "-d", D, "-c", "3d_fullres",
-               "-tr", TRAINER, "-p", "NoSuchPlans", "-f", "0", *PREDICT_FLAGS)
+               "-tr", TRAINER, "-p", "NoSuchPlans", "-f", "0", *REFUSAL_FLAGS)
     assert out.returncode == 1 and "-p NoSuchPlans" in out.stderr and copy.name in out.stderr
     assert _untouched(output)
 
@@ -291,7 +293,7 @@ def test_a_corrupted_checkpoint_is_named_in_predict_and_resume(one_fold_copy, te
     checkpoint = copy / "fold_0" / "checkpoint_final.pth"
     checkpoint.write_bytes(checkpoint.read_bytes()[:5000])  # truncated
     out = _run(env, "moe_nnunet", "predict", "-i", str(test_images), "-o", str(output), "-d", D, "-c", "3d_fullres",
-               "-tr", TRAINER, "-p", PLANS, "-f", "0", *PREDICT_FLAGS)
+               "-tr", TRAINER, "-p", PLANS, "-f", "0", *REFUSAL_FLAGS)
     assert out.returncode == 1 and f"{checkpoint} cannot be read" in out.stderr and "truncated" in out.stderr
     assert _untouched(output)
     checkpoint.rename(copy / "fold_0" / "checkpoint_latest.pth")
@@ -317,6 +319,6 @@ def test_images_with_the_wrong_number_of_channels(one_fold_copy, test_images, tm
     extra = next(four.glob("*_0000.nii.gz"))
     shutil.copy(extra, four / extra.name.replace("_0000", "_0003"))
     out = _run(env, "moe_nnunet", "predict", "-i", str(four), "-o", str(output), "-d", D, "-c", "3d_fullres",
-               "-tr", TRAINER, "-p", PLANS, "-f", "0", *PREDICT_FLAGS)
+               "-tr", TRAINER, "-p", PLANS, "-f", "0", *REFUSAL_FLAGS)
     assert out.returncode == 1 and extra.name.replace("_0000", "_0003") in out.stderr
     assert "remove or rename the file" in out.stderr and _untouched(output)

@@ -1,6 +1,7 @@
 """nnU-Net trainers shipped by moe_nnunet (found by nnU-Net through `moe_nnunet trainer_path`)."""
 from moe_nnunet.trainers.compare import (nnUNetTrainer_compare, nnUNetTrainerChannelDropout_compare,
-                                         nnUNetTrainerM4oE1Expert_compare, nnUNetTrainerM4oE_compare)
+                                         nnUNetTrainerM4oE1Expert_compare, nnUNetTrainerM4oE_compare,
+                                         nnUNetTrainerM4oENaiveLabels_compare)
 from moe_nnunet.trainers.m4oe import nnUNetTrainerM4oE
 from moe_nnunet.trainers.merge import nnUNetTrainerMoEMerge, nnUNetTrainerMoEMerge_debug, nnUNetTrainerMoEMerge_demo
 from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
@@ -19,4 +20,4 @@ __all__ = ["nnUNetTrainerM4oE", "nnUNetTrainerM4oE_5epochs", "nnUNetTrainerM4oE_
            "nnUNetTrainerChannelDropout_100epochs", "nnUNetTrainerM4oEExperts_demo", "nnUNetTrainerM4oEGate_demo",
            "nnUNetTrainerMoEMerge", "nnUNetTrainerMoEMerge_debug", "nnUNetTrainerMoEMerge_demo",
            "nnUNetTrainer_compare", "nnUNetTrainerChannelDropout_compare", "nnUNetTrainerM4oE_compare",
-           "nnUNetTrainerM4oE1Expert_compare"]
+           "nnUNetTrainerM4oE1Expert_compare", "nnUNetTrainerM4oENaiveLabels_compare"]

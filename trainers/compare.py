@@ -18,7 +18,8 @@ from moe_nnunet.trainers.modality import nnUNetTrainerChannelDropout
 from moe_nnunet.trainers.variants import _NoTestTimeMirroring
 
 __all__ = ["COMPARE_SCHEDULE_KEY", "DEFAULT_COMPARE_SCHEDULE", "nnUNetTrainer_compare",
-           "nnUNetTrainerChannelDropout_compare", "nnUNetTrainerM4oE_compare", "nnUNetTrainerM4oE1Expert_compare"]
+           "nnUNetTrainerChannelDropout_compare", "nnUNetTrainerM4oE_compare", "nnUNetTrainerM4oE1Expert_compare",
+           "nnUNetTrainerM4oENaiveLabels_compare"]
 
 COMPARE_SCHEDULE_KEY = "moe_nnunet_compare_schedule"
 # 800 iterations: about where nnU-Net's 2d network plateaus on an 80x80 4-channel dataset at batch 12
@@ -75,3 +76,11 @@ class nnUNetTrainerM4oE1Expert_compare(nnUNetTrainerM4oE_compare):
             raise ValueError(f"{type(self).__name__} needs plans with one expert over all channels, but "
                              f"{self.plans_manager.plans_name} has expert_channels {experts}; use the plans "
                              f"nnUNetM4oEPlans_compare1Expert that moe_nnunet compare writes.")
+
+
+class nnUNetTrainerM4oENaiveLabels_compare(nnUNetTrainerM4oE_compare):
+    """M4oE on a dataset combined from datasets that annotate different labels, trained the naive way: a label a
+    case's dataset does not annotate is taken for background (no marginal loss, `PartialLabels`). The contrast of
+    the partial-label comparison (documentation/partial_labels.md); validation still scores each dataset on its own
+    labels."""
+    partial_label_loss = False

@@ -16,6 +16,7 @@ from torch import nn
 from moe_nnunet.networks.config import M4OE_NETWORK_CLASS, m4oe_arch_kwargs
 from moe_nnunet.trainers.checkpointing import AtomicCheckpoints
 from moe_nnunet.trainers.modality import ModalityDropout
+from moe_nnunet.trainers.partial_labels import PartialLabels
 from moe_nnunet.training import (MoETrainingLoss, WarmupPolyLRScheduler, adamw_param_groups, unwrapped,
                                  allow_unused_parameters)
 from moe_nnunet.training.gate_stats import GateStatistics, ValidationGateRecorder, plot_gate_history
@@ -26,7 +27,7 @@ __all__ = ["nnUNetTrainerM4oE"]
 GATE_LOG_KEY = "moe_gate_weights"
 
 
-class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
+class nnUNetTrainerM4oE(AtomicCheckpoints, PartialLabels, ModalityDropout, nnUNetTrainer):
     """M4oE in nnU-Net: one Swin expert per modality, a per-token gate at every scale, nnU-Net's decoder.
 
     Changes to nnU-Net's default trainer:
@@ -47,7 +48,9 @@ class nnUNetTrainerM4oE(AtomicCheckpoints, ModalityDropout, nnUNetTrainer):
         datasets combined across modalities by `moe_nnunet combine`, only the cases of its modality);
       * datasets combined across modalities (`moe_nnunet combine`): a routing loss (`routing_loss_weight`
         0.1) teaches every gate to give each case's tokens to the expert of its modality tag, so the gate
-        recognises the modality from the image at inference (`ExpertGate`);
+        recognises the modality from the image at inference (`ExpertGate`); when those datasets annotate
+        different labels, each case learns only the labels its dataset annotates (`PartialLabels`, the
+        marginal loss) and validation scores each dataset on its own labels;
       * gate statistics: each epoch's mean gate weight per expert (per scale, per label, per case modality)
         goes to the log and to `gate_weights.png` beside `progress.png`; validation writes each case's mean
         gate weights to `gate_weights_validation.json` in the fold folder.

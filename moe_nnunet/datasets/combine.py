@@ -6,8 +6,12 @@ keeps its modality as a tag (dataset.json key ``"moe_nnunet"``, also written to 
 trainers know which expert a case belongs to during training. At inference no tag is needed: the gate routes
 from image content.
 
-* Labels are matched by name. Every dataset must declare the same label names: a dataset without a label
-  would teach the network that the structure is background, so differing label sets are refused.
+* Labels are matched by name into the union of every dataset's labels (``rename`` maps a dataset's label to
+  another name first; a name that appears in several datasets means the same structure). Datasets may annotate
+  different subsets of the union (partial labels, M4oE's setting: CT and MRI datasets of different organs): each
+  source then records the labels it annotates (``"annotated_labels"`` in the tags), and the M4oE trainers learn
+  from a case only what its dataset annotates (`moe_nnunet.training.partial_labels`); a label its dataset does
+  not annotate is never taken for background, nor scored on its cases.
 * Images keep their original intensities and pixel type (the file is copied, or rewritten by SimpleITK only to
   change the file ending), and the combined channel is declared ``zscore``: nnU-Net normalises every case by its
   own mean and std, in preprocessing and again in ``nnUNetv2_predict``. That is the one normalisation nnU-Net
@@ -33,7 +37,7 @@ import SimpleITK as sitk
 from moe_nnunet.datasets.common import dataset_folder_name, resolve_raw_root, same_geometry
 
 __all__ = ["MODALITY_KEY", "TAG_FILE", "NORMALISATION", "combine_datasets", "read_modality_tags",
-           "experts_from_dataset_json"]
+           "experts_from_dataset_json", "annotated_label_values", "parse_renames"]
 
 MODALITY_KEY = "moe_nnunet"
 TAG_FILE = "modalities.json"
@@ -130,17 +134,57 @@ def _check_tags(sources: Sequence[_Source]) -> None:
                              f"merge two datasets of the same modality into one dataset first.")
 
 
+def parse_renames(renames: Sequence[str]) -> list[tuple[str, str, str]]:
+    """``DATASET:old=new`` strings as ``(dataset, old, new)``."""
+    parsed = []
+    for text in renames:
+        dataset, sep, rest = str(text).partition(":")
+        old, eq, new = rest.partition("=")
+        if not (sep and eq and dataset and old and new) or new == "background":
+            raise ValueError(f"--rename {text!r}: write DATASET:OLD=NEW, e.g. 3:tumour=lesion (the dataset as given "
+                             f"with -d, a foreground label of its dataset.json, and the name it gets)")
+        parsed.append((dataset, old, new))
+    return parsed
+
+
+def _apply_renames(sources: Sequence[_Source], given: Sequence[str | int],
+                   renames: Sequence[tuple[str, str, str]]) -> None:
+    """Rename labels of the sources (in memory; the source datasets are only read)."""
+    for dataset, old, new in renames:
+        matches = [s for s, g in zip(sources, given) if dataset in (str(g), s.name, s.name.split("_", 1)[-1])
+                   or (dataset.isdigit() and s.name.startswith(f"Dataset{int(dataset):03d}_"))]
+        if len(matches) != 1:
+            raise ValueError(f"--rename {dataset}:{old}={new}: {dataset!r} names "
+                             f"{'none' if not matches else 'several'} of the datasets to combine "
+                             f"({', '.join(s.name for s in sources)})")
+        source = matches[0]
+        if old not in source.labels:
+            raise ValueError(f"--rename {dataset}:{old}={new}: {source.name} has no label {old!r}; its labels are "
+                             f"{sorted(source.labels)}")
+        if new in source.labels and new != old:
+            raise ValueError(f"--rename {dataset}:{old}={new}: {source.name} already has a label {new!r}; two labels "
+                             f"of one dataset cannot become one")
+        source.labels = {(new if k == old else k): v for k, v in source.labels.items()}
+
+
 def _combined_labels(sources: Sequence[_Source]) -> dict[str, int]:
-    """Union of the label names (all equal by now): background 0, then the first dataset's order."""
-    names = [set(s.labels) for s in sources]
-    union = set().union(*names)
-    problems = [f"{s.name} lacks {sorted(union - n)}" for s, n in zip(sources, names) if union - n]
-    if problems:
-        raise ValueError(f"label names differ: {'; '.join(problems)}. A dataset without a label would teach the "
-                         f"network that this structure is background. Relabel so that the same structure has the "
-                         f"same name in every dataset, or drop the label from the datasets that have it.")
-    order = sorted(sources[0].labels, key=sources[0].labels.get)
+    """Union of the label names: background 0, then the first dataset's labels in its order, then each further
+    dataset's new names in its order."""
+    order: list[str] = []
+    for s in sources:
+        order += [name for name in sorted(s.labels, key=s.labels.get) if name not in order]
     return {"background": 0, **{name: i + 1 for i, name in enumerate(order)}}
+
+
+def annotated_label_values(dataset_json: dict) -> dict[str, list[int]] | None:
+    """For a combined dataset whose sources annotate different labels: {modality tag: the combined label values
+    its source annotates, background included}; None when every case is annotated with every label."""
+    tags = read_modality_tags(dataset_json)
+    annotated = (tags or {}).get("annotated_labels")
+    if not annotated:
+        return None
+    labels = dataset_json["labels"]
+    return {tag: sorted({0, *(int(labels[name]) for name in names)}) for tag, names in annotated.items()}
 
 
 # ----------------------------------------------------------------------------------------------------- writing
@@ -223,7 +267,7 @@ def _check_free(raw_root: Path, dataset_id: int, folder_name: str, overwrite: bo
 
 def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
                      modalities: Sequence[str] | None = None, raw_root: str | os.PathLike | None = None,
-                     progress: bool = False, overwrite: bool = False) -> Path:
+                     progress: bool = False, overwrite: bool = False, renames: Sequence[str] = ()) -> Path:
     """Build ``Dataset{new_id:03d}_{name}`` from single-channel datasets of different modalities.
 
     Args:
@@ -235,6 +279,8 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
         progress: show a progress bar per dataset.
         overwrite: replace an existing dataset of the same id and name (swapped in once the new one is
             complete; never one of the inputs).
+        renames: ``DATASET:OLD=NEW``: label OLD of that dataset (as given in ``datasets``) takes the name NEW
+            before labels are matched by name.
 
     Returns:
         The new dataset's folder. Nothing is left behind if anything fails; inputs are only read.
@@ -252,6 +298,7 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
         raise ValueError(f"{folder_name} is one of the datasets to combine; write the combination to another id")
     sources = [_load_source(f, None if modalities is None else modalities[i]) for i, f in enumerate(folders)]
     _check_tags(sources)
+    _apply_renames(sources, datasets, parse_renames(renames))
     labels = _combined_labels(sources)
     endings = {s.dataset_json["file_ending"] for s in sources}
     file_ending = endings.pop() if len(endings) == 1 else ".nii.gz"
@@ -269,6 +316,8 @@ def combine_datasets(datasets: Sequence[str | int], new_id: int, name: str,
                                 **{k: s.dataset_json[k] for k in ("reference", "licence", "license")
                                    if k in s.dataset_json}}
         tags = {"modalities": [s.tag for s in sources], "case_modality": case_modality, "sources": described}
+        if any(set(s.labels) != set(labels) - {"background"} for s in sources):  # partial labels
+            tags["annotated_labels"] = {s.tag: sorted(s.labels, key=labels.get) for s in sources}
         dataset_json = {
             "name": name,
             "description": "Combined from " + ", ".join(f"{s.name} ({s.tag})" for s in sources) +

@@ -71,14 +71,41 @@ def find_best(dataset: str, models: Sequence[dict], folds: Sequence[str], num_pr
 
     Unlike `nnUNetv2_find_best_configuration`, which takes every combination of its -tr, -p and -c lists,
     the models here are listed one by one, so an M4oE model (M4oE plans) can be compared and ensembled with
-    nnU-Net's own (nnU-Net's plans)."""
-    from nnunetv2.configuration import default_num_processes
-    from nnunetv2.evaluation.find_best_configuration import find_best_configuration
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    nnU-Net's own (nnU-Net's plans).
 
-    find_best_configuration(maybe_convert_to_dataset_name(dataset), tuple(models), allow_ensembling=len(models) > 1,
-                            num_processes=num_processes or default_num_processes, overwrite=True,
-                            folds=tuple(int(f) for f in folds), strict=True)
+    A dataset with partial labels (`moe_nnunet combine` of datasets that annotate different labels): each model's
+    cross-validation summary is written first, scoring each label only on the cases whose dataset annotates it
+    (`moe_nnunet.evaluation.partial_labels`), and nnU-Net's choice then reads those summaries (it keeps a
+    summary it finds). Ensembles are left out there: nnU-Net scores an ensemble afresh, every label on every case,
+    which would count correct predictions of unannotated structures as errors."""
+    import json
+    from pathlib import Path
+
+    from nnunetv2.configuration import default_num_processes
+    from nnunetv2.evaluation.accumulate_cv_results import accumulate_cv_results
+    from nnunetv2.evaluation.find_best_configuration import find_best_configuration
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.file_path_utilities import folds_tuple_to_string, get_output_folder
+
+    from moe_nnunet.datasets.combine import annotated_label_values
+    from moe_nnunet.evaluation.partial_labels import rescore_folder
+
+    name = maybe_convert_to_dataset_name(dataset)
+    num_processes = num_processes or default_num_processes
+    folds = tuple(int(f) for f in folds)
+    dataset_json = json.loads((Path(nnUNet_preprocessed) / name / "dataset.json").read_text())
+    partial = annotated_label_values(dataset_json) is not None
+    if partial:
+        for m in models:
+            folder = get_output_folder(name, m["trainer"], m["plans"], m["configuration"])
+            merged = Path(folder) / f"crossval_results_folds_{folds_tuple_to_string(folds)}"
+            accumulate_cv_results(folder, str(merged), folds, num_processes, overwrite=True)
+            rescore_folder(merged, dataset_json)
+        print(f"{name} has partial labels: each model's cross-validation scores each label only on the cases "
+              f"that annotate it (summary.json, summary_per_dataset.json); ensembles are not considered")
+    find_best_configuration(name, tuple(models), allow_ensembling=len(models) > 1 and not partial,
+                            num_processes=num_processes, overwrite=not partial, folds=folds, strict=True)
 
 
 def best_models(configurations: Sequence[str], trainer: str, plans: str, others: Sequence[str] = ()) -> list[dict]:
