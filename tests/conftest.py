@@ -76,11 +76,11 @@ class NNUNetEnv:
                                  f"STDERR:\n{proc.stderr[-4000:]}")
         return proc
 
-    def train_in_process(self, fold: str, trainer: str, plans: str, npz: bool = True) -> Path:
+    def train_in_process(self, fold: str, trainer: str, plans: str, npz: bool = True, dataset: int = TINY_ID) -> Path:
         """`nnUNetv2_train DATASET 3d_fullres FOLD -tr TRAINER -p PLANS -device cpu [--npz]` as nnU-Net's own
-        `run_training` in this process, for models that tests need but whose training is not what they test
-        (the stock command itself is run by the `trained` fixture and the workflow tests). Returns the model
-        folder."""
+        `run_training` in this process, for models whose training through the command line is not what a test
+        is about (the stock command itself is run by the `trained` fixture and the workflow tests). Returns the
+        model folder."""
         import importlib
 
         import torch
@@ -95,9 +95,9 @@ class NNUNetEnv:
             mp.setenv("nnUNet_n_proc_DA", "0")
             # the validation's export pool, as nnUNet_def_n_proc=1 sets it in the stock command (read at import)
             mp.setattr(trainer_module, "default_num_processes", 1)
-            run_training(str(TINY_ID), "3d_fullres", fold, trainer, plans, export_validation_probabilities=npz,
+            run_training(str(dataset), "3d_fullres", fold, trainer, plans, export_validation_probabilities=npz,
                          device=torch.device("cpu"))
-        return self.results / f"Dataset{TINY_ID}_TinyPhantom" / f"{trainer}__{plans}__3d_fullres"
+        return next(self.results.glob(f"Dataset{dataset:03d}_*")) / f"{trainer}__{plans}__3d_fullres"
 
 
 def pytest_collection_modifyitems(config, items):

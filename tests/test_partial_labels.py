@@ -139,8 +139,8 @@ def test_partial_label_dataset_passes_nnunets_integrity_check(combined, capfd, m
 
 def test_m4oe_trains_with_partial_labels_and_scores_each_dataset_on_its_labels(combined, tmp_path):
     trainer, plans = "nnUNetTrainerM4oE_debug", "nnUNetM4oEPlans"
-    combined.run("nnUNetv2_train", str(COMBINED_ID), "3d_fullres", "0", "-tr", trainer, "-p", plans, "-device", "cpu")
-    fold = combined.results / f"Dataset{COMBINED_ID}_PartialAB" / f"{trainer}__{plans}__3d_fullres" / "fold_0"
+    # nnU-Net's run_training in this process (the stock command line is the `trained` fixture's)
+    fold = combined.train_in_process("0", trainer, plans, npz=False, dataset=COMBINED_ID) / "fold_0"
     log = "".join(f.read_text() for f in sorted(fold.glob("training_log_*.txt")))
     assert "partial labels: each case learns the labels its dataset annotates {'A': [0, 1], 'B': [0, 2]}" in log
     assert "validation Dice of" in log
@@ -156,11 +156,15 @@ def test_m4oe_trains_with_partial_labels_and_scores_each_dataset_on_its_labels(c
         assert list(result["labels"]) == [f"{source.lower()}_blob"] and 0 <= result["mean"] <= 1
 
     # the best-configuration step of `moe_nnunet cv` reads summaries scored the same way
+    from nnunetv2.evaluation import evaluate_predictions
+    from nnunetv2.postprocessing import remove_connected_components
+
     from moe_nnunet.workflow.cv import find_best
     with pytest.MonkeyPatch.context() as mp:
         for name, value in combined.env.items():
             if name.startswith("nnUNet_"):
                 mp.setenv(name, value)
+        forked_pools(mp, evaluate_predictions, remove_connected_components)
         find_best(str(COMBINED_ID), [{"trainer": trainer, "plans": plans, "configuration": "3d_fullres"}], ["0"], 1)
     crossval = fold.parent / "crossval_results_folds_0"
     assert json.loads((crossval / "summary_per_dataset.json").read_text())["datasets"] == per
