@@ -1,12 +1,15 @@
 """Partial labels in nnU-Net trainers: learn from each case only the labels its dataset annotates."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from moe_nnunet.datasets.combine import annotated_label_values, read_modality_tags
+from moe_nnunet.evaluation.partial_labels import rescore_folder
 from moe_nnunet.training.partial_labels import marginalise_output
 
 __all__ = ["PartialLabels"]
@@ -56,8 +59,7 @@ class PartialLabels:
     @contextmanager
     def _partial_labels(self, batch: dict) -> Iterator[None]:
         if self._annotated_values is not None and self.partial_label_loss:
-            mask = self.annotated_for(batch.get("keys", []))
-            self._annotated = mask.to(self.device, non_blocking=True)
+            self._annotated = self.annotated_for(batch.get("keys", []))  # on the host: checked without a sync
         try:
             yield
         finally:
@@ -75,11 +77,6 @@ class PartialLabels:
         super().perform_actual_validation(save_probabilities)
         if self._annotated_values is None or self.local_rank != 0:
             return
-        import os
-        from pathlib import Path
-
-        from moe_nnunet.evaluation.partial_labels import rescore_folder
-
         datasets = rescore_folder(Path(self.output_folder) / "validation", self.dataset_json)
         for source, result in datasets.items():
             labels = ", ".join(f"{k} {v:.4f}" for k, v in result["labels"].items())

@@ -29,11 +29,14 @@ __all__ = ["merge_unannotated", "marginalise_output"]
 
 def merge_unannotated(logits: torch.Tensor, annotated: torch.Tensor) -> torch.Tensor:
     """Logits (B, K, *S) with each sample's unannotated labels merged into background; `annotated` is (B, K)
-    bool (column 0, background, is always taken as annotated). Samples annotating every label are unchanged."""
-    annotated = annotated.to(device=logits.device, dtype=torch.bool).clone()
+    bool (column 0, background, is always taken as annotated). Samples annotating every label are unchanged.
+    Pass `annotated` on the host: it is checked there (no device synchronisation) and copied to the logits'
+    device."""
+    annotated = annotated.to(dtype=torch.bool).clone()
     annotated[:, 0] = True
     if bool(annotated.all()):
         return logits
+    annotated = annotated.to(logits.device, non_blocking=True)
     view = annotated.shape + (1,) * (logits.ndim - 2)
     unannotated = ~annotated.view(view)
     into_background = unannotated.clone()
